@@ -1,0 +1,414 @@
+"""Orbax checkpoints that never lose work: train state + data iterator, resume, preemption.
+
+One checkpoint step directory holds two items:
+  ``state``  the train state pytree (PyTreeSave: sharded arrays written by every process, OCDBT),
+  ``data``   the grain iterator state (one JSON file per process, grain's own orbax handler).
+
+Usage in a train loop::
+
+    ckpt = Checkpointer(workdir / "ckpt", save_every=1000, keep_last=3, keep_every=10_000)
+    state, start_step, source = restore_or_init(ckpt, abstract_state, init_fn, data_iter,
+                                                init_from=config.init_from)
+    with PreemptionGuard() as guard:
+        for step in range(start_step + 1, total_steps + 1):
+            state = train_step(state, next(data_iter))         # state.step == step afterwards
+            ckpt.save(step, state, data_iter)                   # async; only every `save_every`
+            if guard.should_stop(step):                         # SIGTERM: save now and leave
+                break
+        ckpt.save(step, state, data_iter, force=True)            # no-op if `step` is saved already
+    ckpt.close()                                                 # waits for the async write
+
+Conventions:
+  * ``step`` is the number of finished updates; a checkpoint at step N resumes at step N + 1.
+  * Restores go INTO the caller's abstract state (a pytree of ``jax.ShapeDtypeStruct`` with
+    ``.sharding``), so a run saved on one mesh resumes on another one.
+  * Typed PRNG keys (``jax.random.key``) and raw uint32 key data are both stored as they are.
+  * Resume order (`restore_or_init`): latest checkpoint in the workdir → ``init_from`` (another
+    run's checkpoint directory, or one of its step directories: params and ema_params only, fresh
+    optimizer, step 0) → scratch.
+  * Async saves copy device arrays to host before `save` returns, so the caller may donate the
+    state to the next jitted step right away. The grain iterator state is written synchronously.
+
+Why work is never lost: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it on
+commit, so a kill during a save leaves a tmp directory that `latest_step`/`restore` ignore and the
+next `Checkpointer` deletes (``cleanup_tmp_directories``); old steps are only deleted after the
+new one has committed. A kill -9 between saves loses only the steps since the last commit.
+
+orbax logs a lot at INFO under absl; entry points should call
+``absl.logging.set_verbosity(absl.logging.WARNING)`` (this library does not touch global logging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+
+_STATE = "state"  # item names inside one step directory
+_DATA = "data"
+_WHICH_TO_FIELD = {"ema": "ema_params", "params": "params"}
+
+
+def _retention_options(keep_last: int, keep_every: int | None) -> dict[str, Any]:
+    """Keep the newest `keep_last` steps plus every step divisible by `keep_every`."""
+    policies = getattr(ocp, "checkpoint_managers", None)
+    if policies is not None and hasattr(policies, "AnyPreservationPolicy"):
+        keep = [policies.LatestN(n=keep_last)]
+        if keep_every:
+            keep.append(policies.EveryNSteps(interval_steps=keep_every))
+        return {"preservation_policy": policies.AnyPreservationPolicy(policies=keep)}
+    # Older orbax: the same rule through the (later deprecated) options.
+    return {"max_to_keep": keep_last, "keep_period": keep_every}
+
+
+def _local_path(directory: str | os.PathLike) -> str:
+    """orbax wants absolute paths; leave remote URIs (gs://...) alone."""
+    directory = os.fspath(directory)
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
+class Checkpointer:
+    """Saves and restores (train state, grain iterator) with an orbax `CheckpointManager`.
+
+    Args:
+      directory: where step directories live (created if missing).
+      save_every: `save`/`should_save` act every this many steps (others need `force`).
+      keep_last: number of newest checkpoints kept.
+      keep_every: additionally keep every step divisible by this forever (None: keep none).
+      async_save: write in a background thread; `wait`/`close` block until it is done.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+    ):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}.")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest step resumes), got {keep_last}.")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be None or >= 1, got {keep_every}.")
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # half-written steps of a killed run
+            create=True,
+            **_retention_options(keep_last, keep_every),
+        )
+        self.directory = _local_path(directory)
+        self._save_every = save_every
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """Newest committed step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All committed steps, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """True on `save_every` boundaries past the latest step, or at a jax preemption sync point.
+
+        Decided here rather than by orbax, whose default policy also saves a run's first step.
+        """
+        step = int(step)
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        return step % self._save_every == 0 or self._manager.reached_preemption(step)
+
+    def save(self, step: int, state: PyTree, data_iter: Any = None, *, force: bool = False) -> bool:
+        """Starts saving `state` (and the iterator state) as `step` if due.
+
+        Args:
+          step: number of finished updates that `state` reflects.
+          state: pytree of jax.Arrays (typed PRNG keys allowed).
+          data_iter: a grain iterator (DatasetIterator or DataLoaderIterator) or None.
+          force: save even off the `save_every` grid (end of training, preemption).
+
+        Returns:
+          Whether a save was started (False when not due or when `step` is saved already).
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        if not force and not self.should_save(step):
+            return False
+        items = {_STATE: ocp.args.PyTreeSave(state)}
+        if data_iter is not None:
+            import grain  # only needed with a data iterator (absent on some GPU hosts)
+
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iter)
+        # force: the decision was made above; orbax must not apply its own policy on top.
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self, abstract_state: PyTree, data_iter: Any = None, step: int | None = None
+    ) -> PyTree:
+        """Restores a step into `abstract_state`'s shardings; also rewinds `data_iter` in place.
+
+        Args:
+          abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (e.g. from
+            `jax.eval_shape` plus the run's shardings) with the saved state's structure.
+          data_iter: the grain iterator to set to the saved position, or None.
+          step: which step; the latest one when None.
+
+        Returns:
+          The state with the structure of `abstract_state`.
+        """
+        step = self.latest_step() if step is None else int(step)
+        if step is None or step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint {'' if step is None else f'for step {step} '}in {self.directory} "
+                f"(committed steps: {self.all_steps()}); use restore_or_init to start from scratch."
+            )
+        items = {_STATE: _pytree_restore_args(abstract_state)}
+        if data_iter is not None:
+            if os.path.isdir(os.path.join(self.directory, str(step), _DATA)):
+                import grain
+
+                items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:
+                logging.warning(
+                    "Step %d in %s has no data iterator state; the iterator "
+                    "starts from its current position.",
+                    step,
+                    self.directory,
+                )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[_STATE]
+
+    def wait(self) -> None:
+        """Blocks until the in-flight async save (if any) has committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and deletions, then releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _pytree_restore_args(abstract: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
+    kwargs = {"partial_restore": True} if partial else {}
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), **kwargs
+    )
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_paths(tree: PyTree) -> set[tuple[str, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key_name(k) for k in path) for path, _ in leaves}
+
+
+def _resolve_step(directory: str, step: int | None) -> tuple[str, int | None]:
+    """Accepts a checkpoint directory, or one step directory inside it (…/ckpt/5000)."""
+    base = os.path.basename(directory.rstrip("/"))
+    if step is None and base.isdigit() and os.path.isdir(os.path.join(directory, _STATE)):
+        return os.path.dirname(directory.rstrip("/")), int(base)
+    return directory, step
+
+
+def _restore_subtrees(
+    directory: str | os.PathLike, abstract_subtrees: Mapping[str, PyTree], step: int | None
+) -> tuple[dict[str, PyTree], int]:
+    """Reads only the named top-level fields of a saved state (nothing else is read).
+
+    orbax's partial restore silently returns the abstract leaf for a path it does not find, so the
+    requested paths are checked against the checkpoint's metadata first.
+    """
+    directory, step = _resolve_step(_local_path(directory), step)
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with ocp.CheckpointManager(
+        directory, item_handlers={_STATE: ocp.PyTreeCheckpointHandler()}, options=options
+    ) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint {'' if step is None else f'for step {step} '}in {directory} "
+                f"(committed steps: {sorted(manager.all_steps())}); pass a run's checkpoint dir."
+            )
+        metadata = manager.item_metadata(step)[_STATE]
+        saved = getattr(metadata, "tree", metadata)
+        for field, abstract in abstract_subtrees.items():
+            if field not in saved:
+                raise KeyError(
+                    f"Checkpoint {directory}/{step} has no '{field}'; it has {sorted(saved)}."
+                )
+            missing = _leaf_paths(abstract) - _leaf_paths(saved[field])
+            extra = _leaf_paths(saved[field]) - _leaf_paths(abstract)
+            if missing or extra:
+                raise ValueError(
+                    f"'{field}' in {directory}/{step} does not match the model: missing "
+                    f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]} (up to 5 each); "
+                    "check the model config matches the one of the checkpoint."
+                )
+        args = _pytree_restore_args(dict(abstract_subtrees), partial=True)
+        restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+    return dict(restored), step
+
+
+def restore_params(
+    directory: str | os.PathLike,
+    abstract_params: PyTree,
+    *,
+    step: int | None = None,
+    which: str = "ema",
+) -> PyTree:
+    """Loads only `params` or `ema_params` of a saved train state (for sampling / evaluation).
+
+    No optimizer state is read and no optimizer shapes are needed.
+
+    Args:
+      directory: a Checkpointer directory, or one step directory inside it.
+      abstract_params: pytree of jax.ShapeDtypeStruct with the target shardings.
+      step: which step; the latest one when None (or the step of a step directory).
+      which: 'ema' (ema_params) or 'params'.
+
+    Returns:
+      The params pytree, sharded as `abstract_params` asks.
+    """
+    if which not in _WHICH_TO_FIELD:
+        raise ValueError(f"which must be one of {sorted(_WHICH_TO_FIELD)}, got {which!r}.")
+    field = _WHICH_TO_FIELD[which]
+    restored, _ = _restore_subtrees(directory, {field: abstract_params}, step)
+    return restored[field]
+
+
+def _field(tree: PyTree, name: str) -> Any:
+    return tree[name] if isinstance(tree, Mapping) else getattr(tree, name, None)
+
+
+def _replace(tree: PyTree, **fields: Any) -> PyTree:
+    if isinstance(tree, Mapping):
+        return {**tree, **fields}
+    return dataclasses.replace(tree, **fields)
+
+
+def restore_or_init(
+    checkpointer: Checkpointer,
+    abstract_state: PyTree,
+    init_fn: Callable[[], PyTree],
+    data_iter: Any = None,
+    init_from: str | os.PathLike | None = None,
+) -> tuple[PyTree, int, str]:
+    """Resumes from the workdir, else warm-starts from `init_from`, else initialises.
+
+    Args:
+      checkpointer: this run's Checkpointer.
+      abstract_state: the sharded abstract train state (has `params` and `ema_params` fields).
+      init_fn: () -> a freshly initialised, sharded train state (step 0).
+      data_iter: grain iterator to rewind when resuming (left untouched otherwise).
+      init_from: another run's checkpoint directory (or step directory) to take params from.
+
+    Returns:
+      (state, start_step, source) with source one of 'workdir', 'init_from', 'scratch'; the loop
+      continues with step `start_step + 1`.
+    """
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        logging.info("Resuming from %s step %d.", checkpointer.directory, latest)
+        return checkpointer.restore(abstract_state, data_iter, step=latest), latest, "workdir"
+    state = init_fn()
+    if not init_from:
+        return state, 0, "scratch"
+    subtrees = {"params": _field(abstract_state, "params")}
+    if _field(abstract_state, "ema_params") is not None:
+        subtrees["ema_params"] = _field(abstract_state, "ema_params")
+    restored, step = _restore_subtrees(init_from, subtrees, step=None)
+    logging.info("Initialised %s from %s step %d.", sorted(restored), init_from, step)
+    # Fresh optimizer state and step 0 come from init_fn; only the weights are taken over.
+    return _replace(state, **restored), 0, "init_from"
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and optionally SIGINT) into "save and stop at the next step boundary".
+
+    A second signal of the same kind falls through to the previous handler (force quit). In
+    multi-process runs all processes agree through an all-gather of the flag every `sync_every`
+    steps (it blocks the host on the device, so it is not done every step). Note that this
+    handler takes SIGTERM over from jax's own preemption notifier.
+
+    Args:
+      signals: signals that request a stop.
+      sync_every: multi-process only: how often (in steps) the processes compare flags.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), *, sync_every: int = 10):
+        self._signals = tuple(signals)
+        self._sync_every = max(1, int(sync_every))
+        self._previous: dict[int, Any] = {}
+        self._requested = False
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self._requested
+
+    def request_stop(self) -> None:
+        """Sets the flag as a signal would (for tests and callers with their own triggers)."""
+        self._requested = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._requested:  # second signal: give it to whoever handled it before us
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        logging.warning("Received signal %d: saving and stopping at the next step.", signum)
+        self._requested = True
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("PreemptionGuard outside the main thread: signals are not caught.")
+            return self
+        for signum in self._signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def should_stop(self, step: int) -> bool:
+        """Whether the loop should save and exit after `step`; the same answer on all processes."""
+        if jax.process_count() == 1:
+            return self._requested
+        if int(step) % self._sync_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self._requested))
+        return bool(np.any(flags))

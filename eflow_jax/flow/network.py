@@ -1,0 +1,64 @@
+"""The network as the objectives and samplers see it: a few pure functions of params.
+
+Objectives never touch flax modules directly. They receive a `Network`, whose functions
+are pure in (params, inputs). The split into `encode` (trunk) and `decode` (decoder blocks +
+final layer) is what makes decoupled conditioning cheap (METHOD.md section 7a): one trunk
+pass at (x_t, t, y) serves decoder queries at several s (s = t for the velocity, s for the
+solution map, m for the MVA split). With joint conditioning `encode` only packs its inputs
+and `decode` runs the whole network, so objectives need no second code path.
+
+Conventions (METHOD.md section 2): x has shape [B, T, H, W, C]; t, s are float [B];
+y is int32 [B] with the null label `null_label` (= num_classes); the solution map is
+f(x, t, s) = x + (s - t) * F(x, t, s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+Params = Any
+Trunk = Any  # Opaque pytree returned by `encode`.
+Keep = Any  # int32 [B, n_keep] token ids kept by the drop mask, or None for all tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """Pure functional view of F_theta(x_t, t, s, y) with token drop and path drop.
+
+    Attributes:
+      encode: (params, x, t, y, keep, weak) -> trunk. `keep` is the per-sample kept-token
+        ids (None = dense). `weak=True` skips the middle blocks (the Path-Drop weak path).
+      decode: (params, trunk, t, s, y) -> F with the shape of x.
+      sample_keep: (rng, batch_size) -> keep, one structured random drop mask per sample;
+        returns None when the network drops no tokens.
+      null_label: the label index meaning "unconditional".
+      decoupled: True when the trunk does not see s (so sharing one trunk across s is free).
+    """
+
+    encode: Callable[..., Trunk]
+    decode: Callable[..., jax.Array]
+    sample_keep: Callable[[jax.Array, int], Keep]
+    null_label: int
+    decoupled: bool = True
+
+    def __call__(self, params: Params, x, t, s, y, keep: Keep = None) -> jax.Array:
+        """F_theta(x, t, s, y) through the full path (token-dropped when keep is given)."""
+        return self.decode(params, self.encode(params, x, t, y, keep, False), t, s, y)
+
+    def weak(self, params: Params, x, t, y) -> jax.Array:
+        """The weak velocity F^weak(x, t, t, y): middle blocks skipped, no token drop."""
+        return self.decode(params, self.encode(params, x, t, y, None, True), t, t, y)
+
+    def solution(self, params: Params, x, t, s, y, keep: Keep = None) -> jax.Array:
+        """The solution map f(x, t, s) = x + (s - t) F(x, t, s)."""
+        F = self(params, x, t, s, y, keep)
+        return x + _bcast(s - t, x) * F
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshape a per-sample [B] vector to broadcast against a [B, ...] tensor."""
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)).astype(like.dtype)

@@ -1,0 +1,106 @@
+"""The one attention dispatch function: cuDNN on GPU, Pallas splash on TPU, XLA on CPU.
+
+Every attention in the model (local tiles, pooled global keys, full attention, cross
+attention) calls `attend`. Tiles are folded into the batch dimension by the caller, so this
+function only ever sees dense [B, L, H, D] problems.
+
+Why cuDNN is the GPU default: on H100 the XLA path is ~7x slower (docs/BENCHMARKS.md,
+shared/ANCHORS.md). cuDNN needs bf16/fp16 inputs and head_dim <= 128 divisible by 8;
+`check_supported` raises before any compile when the config cannot meet that.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "splash")
+
+
+def default_implementation(backend: str | None = None) -> str:
+    """The fast path for the current backend: cudnn on GPU, splash on TPU, xla elsewhere."""
+    backend = backend or jax.default_backend()
+    return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "xla")
+
+
+def resolve(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention_impl={implementation!r}; choose one of {IMPLEMENTATIONS}.")
+    return default_implementation() if implementation == "auto" else implementation
+
+
+def check_supported(implementation: str, head_dim: int, dtype) -> None:
+    """Raises a config error for combinations the chosen kernel cannot run."""
+    impl = resolve(implementation)
+    if impl == "cudnn":
+        if head_dim > 128 or head_dim % 8:
+            raise ValueError(
+                f"cuDNN attention needs head_dim <= 128 and divisible by 8, got {head_dim}; change "
+                f"model.width / model.heads, or set model.attention_impl='xla' (7x slower on H100)."
+            )
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"cuDNN attention needs bf16/fp16 compute, got model.dtype={jnp.dtype(dtype).name}; "
+                f"set model.dtype='bfloat16' or model.attention_impl='xla'."
+            )
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    implementation: str = "auto",
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention softmax(q k^T / sqrt(d)) v.
+
+    Args:
+      q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+      implementation: 'auto' | 'cudnn' | 'xla' | 'splash'.
+      mask: optional boolean [B, 1, Lq, Lk] (True = attend); used by the unstructured-drop
+        fallback only.
+    Returns:
+      [B, Lq, H, D] in q's dtype.
+    """
+    impl = resolve(implementation)
+    if impl == "splash":
+        if mask is None and _splash_fits(q.shape[1], k.shape[1]):
+            return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
+        impl = "xla"  # Splash wants 128-multiples; tiles and pooled keys are smaller.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _splash_fits(lq: int, lk: int) -> bool:
+    return lq % 128 == 0 and lk % 128 == 0
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Non-causal Pallas splash attention, vmapped over the batch ([B, L, H, D] layout)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # TPU-only import, kept lazy.
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    _, lq, heads, d = q.shape
+    lk = k.shape[1]
+    block = min(512, lq, lk)
+    kernel = _splash_kernel(sk, sm, heads, lq, lk, block, interpret)
+    scale = d**-0.5
+    qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q * scale, k, v))  # -> [B, H, L, D]
+    return jax.vmap(kernel)(qt, kt, vt).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(sk, sm, heads, lq, lk, block, interpret):
+    mask = sm.MultiHeadMask([sm.FullMask((lq, lk)) for _ in range(heads)])
+    sizes = sk.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    return sk.make_splash_mha(
+        mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+    )

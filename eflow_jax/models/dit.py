@@ -1,0 +1,269 @@
+"""The EFlow video DiT: dense encoder -> token drop -> sparse middle -> restore + fuse -> decoder.
+
+    x_t -> patchify (tile-major order) -> embed -> E encoder blocks (c_trunk) = h_enc
+        -> gather kept tokens -> M middle blocks -> scatter back, dropped slots = mask token mu
+        -> fuse Linear([restored; h_enc]) -> D decoder blocks (c_dec) -> adaLN final layer -> F
+
+`encode` runs everything up to the fusion, `decode` the decoder and final layer, so objectives
+share one trunk pass across several s (METHOD.md 7a). With `decoupled=True` the trunk sees
+c_trunk = e_t(t) + e_y(y) and the decoder c_dec = c_trunk + e_d(t - s); with `decoupled=False`
+every block sees c_dec (SoFlow's joint conditioning) and `encode` defers all work to `decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from eflow_jax.flow.network import Network
+from eflow_jax.models import attention, tokens
+from eflow_jax.models.embed import LabelEmbed, TimeEmbed, rope_angles
+from eflow_jax.models.glga import GATES, GLOBAL_KINDS, MODES, Block, Stack, TokenContext
+from eflow_jax.models.layers import AdaLN, Dense, RMSNorm, modulate, swiglu_hidden
+
+# name: (width, heads, (encoder, middle, decoder) depths). METHOD.md 4.1 for B and L.
+VARIANTS = {
+    "tiny": (64, 2, (1, 2, 1)),
+    "S": (384, 6, (2, 8, 2)),
+    "B": (768, 12, (2, 8, 2)),
+    "L": (1024, 16, (2, 20, 2)),
+    "XL": (1152, 16, (2, 24, 2)),
+}
+
+MASK_TOKEN_SEED = 20251024  # mu is frozen N(0, 0.02^2) (SPRINT), so it is a constant, not a param.
+
+
+def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
+    """The model section of a run config; sizes come from VARIANTS[variant]."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant={variant!r} is unknown; choose one of {sorted(VARIANTS)}.")
+    cfg = ml_collections.ConfigDict(dict(
+        variant=variant,
+        video_shape=(16, 64, 64, 3),  # (T, H, W, C) of the clips (or latents) the model sees.
+        num_classes=10,
+        patch=(2, 4, 4),
+        tile=(4, 4, 4),  # Local-attention tile, in tokens.
+        cell=(2, 4, 4),  # Global pooling cell, in tokens.
+        drop_group=(1, 2, 2),
+        keep_per_group=1,  # 1 of 4 kept: drop ratio 0.75.
+        structured_drop=True,
+        mode="glga",
+        global_kind="pooled",
+        gate="sigmoid",
+        attention_impl="auto",
+        decoupled=True,
+        mlp_ratio=4.0,
+        dtype="bfloat16",
+        remat="none",
+        scan_layers=False,
+        context_dim=0,  # > 0 adds cross-attention to a text context of this width.
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+class EFlowDiT(nn.Module):
+    """F_theta(x_t, t, s, y) for videos [B, T, H, W, C]; see the module docstring."""
+
+    config: ml_collections.ConfigDict
+
+    def setup(self):
+        cfg = self.config
+        width, heads, (n_enc, n_mid, n_dec) = VARIANTS[cfg.variant]
+        self.width, self.heads = width, heads
+        self.layout = layout_of(cfg)
+        dtype = jnp.dtype(cfg.dtype)
+        block = dict(width=width, heads=heads, mlp_ratio=cfg.mlp_ratio, mode=cfg.mode,
+                     global_kind=cfg.global_kind, gate=cfg.gate, implementation=cfg.attention_impl,
+                     dtype=dtype)
+        stack = lambda depth: Stack(depth, block, cfg.remat, cfg.scan_layers)  # noqa: E731
+        self.patch_embed = Dense(width, ("patch", "embed"), dtype=dtype)
+        self.t_embed = TimeEmbed(width)
+        self.d_embed = TimeEmbed(width)  # Embeds t - s.
+        self.y_embed = LabelEmbed(cfg.num_classes, width)
+        self.encoder, self.middle, self.decoder = stack(n_enc), stack(n_mid), stack(n_dec)
+        self.fuse = Dense(width, ("fuse", "embed"), dtype=dtype)
+        self.final_adaln = AdaLN(width, 2, dtype)
+        self.final_norm = RMSNorm(use_scale=False)
+        out_dim = math.prod(cfg.patch) * cfg.video_shape[-1]
+        self.final = Dense(out_dim, ("embed", "patch"), dtype=dtype, zero_init=True)
+        self.mask_token = jax.random.normal(jax.random.key(MASK_TOKEN_SEED), (width,)) * 0.02
+
+    # ---- the two halves used by objectives ----
+
+    def encode(self, x, t, y, keep=None, weak: bool = False, s=None, context=None, path_drop=None):
+        """Trunk tokens for decoder queries at any s (decoupled), or the packed inputs (joint).
+
+        Args:
+          x: [B, T, H, W, C]; t: [B]; y: int32 [B].
+          keep: int32 [B, n_keep] kept token ids (tokens.sample_keep) or None for all tokens.
+          weak: skip the middle blocks (the weak path of Path-Drop Guidance).
+          s: only used with joint conditioning, where the trunk sees s.
+          context: optional text context [B, L, context_dim].
+          path_drop: optional bool [B]; True replaces that sample's middle output by mu
+            (SPRINT's training-time path drop).
+        """
+        if not self.config.decoupled and s is None:
+            trunk = {"x": x, "t": t, "y": y, "keep": keep, "context": context, "path_drop": path_drop}
+            return trunk | ({"weak": jnp.zeros((0,))} if weak else {})
+        c = self.t_embed(t) + self.y_embed(y) + (0 if s is None else self.d_embed(t - s))
+        return {"h": self._trunk(x, c, keep, weak, context, path_drop), "context": context}
+
+    def decode(self, trunk, t, s, y):
+        """F_theta: the decoder blocks and final layer at query time s, [B, T, H, W, C] float32."""
+        if "h" not in trunk:  # Joint conditioning: the whole network sees s.
+            trunk = self.encode(trunk["x"], t, trunk["y"], trunk["keep"], "weak" in trunk, s,
+                                trunk["context"], trunk["path_drop"])
+        c = self.t_embed(t) + self.y_embed(y) + self.d_embed(t - s)
+        h = self.decoder(trunk["h"], c, self._context(None, h_dtype=trunk["h"].dtype), trunk["context"])
+        shift, scale = self.final_adaln(c)
+        out = self.final(modulate(self.final_norm(h), shift, scale))
+        return tokens.unpatchify(out.astype(jnp.float32), self.layout, self.config.video_shape[-1])
+
+    def __call__(self, x, t, s, y, keep=None, weak: bool = False, context=None):
+        return self.decode(self.encode(x, t, y, keep, weak, context=context), t, s, y)
+
+    def trunk_tokens(self, x, t, s, y, keep=None):
+        """The fused tokens the decoder sees (for the decoupling test)."""
+        trunk = self.encode(x, t, y, keep, s=None if self.config.decoupled else s)
+        return trunk["h"]
+
+    # ---- internals ----
+
+    def _trunk(self, x, c, keep, weak, context, path_drop):
+        dtype = jnp.dtype(self.config.dtype)
+        h = self.patch_embed(tokens.patchify(x.astype(dtype), self.layout))
+        dense = self._context(None, h.dtype)
+        h_enc = self.encoder(h, c, dense, context)
+        mu = jnp.broadcast_to(self.mask_token.astype(h.dtype), h.shape)
+        if weak:
+            restored = mu
+        elif keep is None:
+            restored = self.middle(h_enc, c, dense, context)
+        else:
+            mid = self.middle(tokens.gather_tokens(h_enc, keep), c, self._context(keep, h.dtype), context)
+            restored = tokens.scatter_tokens(mu, mid, keep)
+        if path_drop is not None:
+            restored = jnp.where(path_drop[:, None, None], mu, restored)
+        return self.fuse(jnp.concatenate([restored, h_enc], axis=-1))
+
+    def _context(self, keep, h_dtype) -> TokenContext:
+        layout = self.layout
+        coords = jnp.asarray(layout.coords())[None]
+        cells = jnp.asarray(layout.cell_ids())[None]
+        tiles = jnp.asarray(layout.tile_ids())[None]
+        per_tile = layout.tile_size
+        if keep is not None:
+            coords, cells, tiles = (jnp.take(a[0], keep, axis=0) for a in (coords, cells, tiles))
+            # Structured masks keep the same count in every tile (the mask's length / tiles).
+            per_tile = keep.shape[1] // layout.num_tiles if self.config.structured_drop else 0
+        angles = rope_angles(coords, self.width // self.heads)
+        return TokenContext(angles, cells, tiles, per_tile, layout.num_cells)
+
+
+def layout_of(cfg: ml_collections.ConfigDict) -> tokens.TokenLayout:
+    """Validates the geometry fields of a model config and returns its token layout."""
+    for field, choices in (("mode", MODES), ("global_kind", GLOBAL_KINDS), ("gate", GATES)):
+        if cfg[field] not in choices:
+            raise ValueError(f"model.{field}={cfg[field]!r}; choose one of {choices}.")
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"model.variant={cfg.variant!r} is unknown; choose one of {sorted(VARIANTS)}.")
+    width, heads, _ = VARIANTS[cfg.variant]
+    attention.check_supported(cfg.attention_impl, width // heads, cfg.dtype)
+    t, h, w, _ = cfg.video_shape
+    return tokens.validate_layout(t, h, w, tuple(cfg.patch), tuple(cfg.tile), tuple(cfg.cell),
+                                  tuple(cfg.drop_group), cfg.keep_per_group)
+
+
+def make_network(cfg: ml_collections.ConfigDict) -> tuple[EFlowDiT, Network]:
+    """The flax module and its pure-function view for objectives and samplers."""
+    model = EFlowDiT(cfg)
+    layout = layout_of(cfg)
+    drops = cfg.keep_per_group < layout.group_size
+
+    def encode(params, x, t, y, keep, weak):
+        return model.apply({"params": params}, x, t, y, keep, weak, method=EFlowDiT.encode)
+
+    def decode(params, trunk, t, s, y):
+        return model.apply({"params": params}, trunk, t, s, y, method=EFlowDiT.decode)
+
+    def sample_keep(rng, batch):
+        return tokens.sample_keep(rng, batch, layout, cfg.structured_drop) if drops else None
+
+    return model, Network(encode, decode, sample_keep, null_label=cfg.num_classes, decoupled=cfg.decoupled)
+
+
+def init_params(model: EFlowDiT, rng: jax.Array, batch: int = 1):
+    """Initial params (with logical-axis metadata boxes) from dummy inputs."""
+    t, h, w, c = model.config.video_shape
+    x = jnp.zeros((batch, t, h, w, c), jnp.float32)
+    z = jnp.zeros((batch,), jnp.float32)
+    context = None
+    if model.config.context_dim:
+        context = jnp.zeros((batch, 8, model.config.context_dim), jnp.float32)
+    return model.init(rng, x, z, z, jnp.zeros((batch,), jnp.int32), context=context)["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs per sample (matmuls and attention; 2 per multiply-add)."""
+
+    full: float  # Dense full forward (all tokens through the middle).
+    dropped: float  # Full forward with the middle on kept tokens.
+    weak: float  # Encoder + fusion + decoder (middle skipped).
+    decoder: float  # Decoder blocks + final layer only (a decoupled query at a new s).
+    middle_dense: float
+    middle_dropped: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
+    """Analytic forward FLOPs per sample of the model described by `cfg`."""
+    layout = layout_of(cfg)
+    width, heads, (n_enc, n_mid, n_dec) = VARIANTS[cfg.variant]
+    n = layout.num_tokens
+    patch_dim = math.prod(cfg.patch) * cfg.video_shape[-1]
+    hidden = swiglu_hidden(width, cfg.mlp_ratio)
+
+    def block(tokens_in: int, per_tile: int) -> float:
+        linear = 2 * tokens_in * width * (3 * width + width + 3 * hidden)
+        if cfg.mode == "full":
+            attn = 4 * tokens_in * tokens_in * width
+        else:
+            attn = 0.0
+            if cfg.mode in ("glga", "local_only"):
+                attn += 4 * tokens_in * per_tile * width
+            if cfg.mode in ("glga", "global_only"):
+                if cfg.global_kind == "full":
+                    attn += 4 * tokens_in * tokens_in * width
+                else:  # Pooling by one-hot matmul (k and v) + attention to the cells.
+                    attn += 2 * 2 * tokens_in * layout.num_cells * width
+                    attn += 4 * tokens_in * layout.num_cells * width
+            if cfg.mode == "glga" and cfg.gate != "none":
+                attn += 2 * tokens_in * width * 2 * heads
+        adaln = 2 * width * 6 * width
+        return linear + attn + adaln
+
+    keep = layout.num_keep
+    kept_tile = layout.tile_size * layout.keep_per_group // layout.group_size
+    embed = 2 * n * patch_dim * width + 4 * 2 * (256 * width + width * width)
+    fuse = 2 * n * 2 * width * width
+    final = 2 * n * width * patch_dim + 2 * width * 2 * width
+    dense_block, dropped_block = block(n, layout.tile_size), block(keep, kept_tile)
+    enc, dec = n_enc * dense_block, n_dec * dense_block + final
+    mid_dense, mid_dropped = n_mid * dense_block, n_mid * dropped_block
+    return FlopCount(
+        full=embed + enc + mid_dense + fuse + dec,
+        dropped=embed + enc + mid_dropped + fuse + dec,
+        weak=embed + enc + fuse + dec,
+        decoder=dec,
+        middle_dense=mid_dense,
+        middle_dropped=mid_dropped,
+    )
