@@ -1,0 +1,25 @@
+r"""Tiny EFlow model on the embedded moving-shapes dataset: a few minutes on a laptop CPU.
+
+    python -m eflow_jax.main --config=configs/demo.py --workdir=/tmp/eflow_demo
+
+Writes checkpoints, TensorBoard events, metrics.jsonl and 1-/2-step sample videos to the workdir.
+Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, steps=600, objective="eflow", batch=32)
+    c = common.base_config("tiny", a.objective)
+    c.total_steps = a.steps
+    c.batch_size = a.batch
+    c.model.update(video_shape=(8, 32, 32, 3), patch=(1, 4, 4), tile=(2, 4, 4), cell=(1, 4, 4),
+                   drop_group=(1, 2, 2), num_classes=4, dtype="float32")
+    c.data.update(source="synthetic", num_frames=8, resolution=32, num_classes=4, num_examples=4096)
+    c.optim.update(lr=1e-3, warmup_steps=50, ema_decay=0.999, ema_warmup=True, grad_clip=1.0)
+    c.objective.r0, c.objective.r1 = 0.1, 0.01
+    c.checkpoint.update(save_every=200, keep_every=0)
+    c.log.update(every_steps=50, sample_every=0, num_samples=4)
+    c.eval.fvd.update(num_gen_clips=64, num_real_clips=64, batch_size=16)
+    return c

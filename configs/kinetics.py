@@ -1,0 +1,37 @@
+r"""Class-conditional Kinetics-700 video (METHOD.md section 10), EFlow-B by default.
+
+Prepare the data once (see docs/DATA.md), then:
+
+    python -m eflow_jax.main --config=configs/kinetics.py --workdir=/ckpt/run1
+    python -m eflow_jax.main --config=configs/kinetics.py:variant=L --config.optim.lr=2e-4 --workdir=...
+    python -m eflow_jax.main --config=configs/kinetics.py:objective=solution_flow,baseline=1 --workdir=...
+
+Args (comma separated): variant (tiny|S|B|L|XL), objective (eflow|solution_flow|flow_matching),
+baseline (dense full-attention SoFlow DiT: no drop, joint conditioning), data (pixels|latents),
+runlocal (a few steps on small clips with synthetic data, for smoke tests).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, variant="B", objective="eflow", baseline=False, data="pixels",
+                         runlocal=False)
+    c = common.base_config(a.variant, a.objective)
+    c.data.update(source="arrayrecord", path="/data/kinetics700_17x128", num_classes=700,
+                  num_frames=16, resolution=128, worker_count=8)
+    c.model.update(num_classes=700, video_shape=(16, 128, 128, 3), patch=(2, 8, 8), tile=(4, 4, 4),
+                   cell=(2, 4, 4), drop_group=(1, 2, 2))
+    if a.data == "latents":  # 17x256^2 through a 4x8x8, 16-channel VAE: 5x32x32x16 latents.
+        c.data.update(source="latents", path="/data/kinetics700_latents", num_frames=5,
+                      resolution=32, channels=16)
+        c.model.update(video_shape=(5, 32, 32, 16), patch=(1, 2, 2), tile=(5, 4, 4), cell=(1, 4, 4))
+    if a.baseline:  # Standard solution flow on a dense DiT (the 2.5x throughput baseline).
+        c.model.update(mode="full", keep_per_group=4, decoupled=False)
+    if a.runlocal:
+        c.total_steps, c.batch_size = 20, 8
+        c.data.update(source="synthetic", path="", num_examples=256, worker_count=0)
+        c.log.update(every_steps=5, sample_every=0, num_samples=2)
+        c.checkpoint.update(save_every=10)
+    c.data.num_classes = c.model.num_classes
+    return c

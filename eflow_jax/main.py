@@ -1,0 +1,103 @@
+r"""eflow_jax command line: train, sample, export, eval.
+
+    python -m eflow_jax.main --config=configs/kinetics.py --workdir=/ckpt/run1
+    python -m eflow_jax.main --mode=sample --workdir=/ckpt/run1 --sample.num_steps=2 \
+        --sample.labels=0,5,17 --sample.num=16 --out=samples/
+    python -m eflow_jax.main --mode=export --workdir=/ckpt/run1 --out=/ckpt/run1_ema
+    python -m eflow_jax.main --mode=eval --workdir=/ckpt/run1 --config=configs/kinetics.py \
+        --config.eval.fvd.i3d_path=/models/i3d.npz
+
+`sample`, `export` and `eval` read the run's config snapshot (workdir/config.json) unless
+--config is given, and load only the params they need onto the current devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
+config_flags.DEFINE_config_dict("sample", common.sample_config(), "Sampling settings (--mode=sample).")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval"], "What to do.")
+flags.DEFINE_string("out", "", "Output directory for sample/export/eval (default: under workdir).")
+flags.DEFINE_bool("multiprocess", None, "Call jax.distributed.initialize() (default: auto on multi-host "
+                  "launchers such as TPU pods and SLURM).")
+
+
+def _quiet_libraries(record) -> bool:
+    """orbax and grain log every file at INFO through absl: keep only their warnings."""
+    noisy = ("/orbax/", "/grain/")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def _maybe_initialize_distributed() -> None:
+    auto = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"))
+    if FLAGS.multiprocess or (FLAGS.multiprocess is None and auto and _more_than_one_task()):
+        jax.distributed.initialize()
+
+
+def _more_than_one_task() -> bool:
+    if "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_NTASKS"]) > 1
+    return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_quiet_libraries)
+    _maybe_initialize_distributed()
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (the run directory).")
+
+    if FLAGS.mode == "train":
+        if FLAGS.config is None:
+            raise app.UsageError("--config is required to train, e.g. --config=configs/demo.py")
+        from eflow_jax import train
+
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        return
+
+    from eflow_jax import sample, sharding
+
+    config = FLAGS.config if FLAGS.config is not None else sample.load_run_config(FLAGS.workdir)
+    mesh = sharding.make_mesh(sharding.mesh_config())  # All local devices, whatever training used.
+    logging.info("topology: %s", sharding.describe(mesh))
+    if FLAGS.mode == "export":
+        out = sample.export(FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "export"), mesh,
+                            use_ema=FLAGS.sample.use_ema, step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
+        logging.info("exported params + config to %s", out)
+    elif FLAGS.mode == "sample":
+        run_sample(config, mesh)
+    else:
+        from eflow_jax import evaluate
+
+        evaluate.run_fvd(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh)
+
+
+def run_sample(config, mesh) -> list[str]:
+    from eflow_jax import sample
+    from eflow_jax.models import dit
+
+    s = FLAGS.sample
+    _, net = dit.make_network(config.model)
+    params = sample.load_params(FLAGS.workdir, config, mesh, use_ema=s.use_ema,
+                                step=None if s.step < 0 else s.step)
+    labels = sample.parse_labels(s.labels, s.num, config.model.num_classes)
+    videos = sample.generate(config, net, params, labels, s.num_steps, s.seed, s.batch_size, s, mesh)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", "cli")
+    paths = sample.write_videos(out, videos, labels, s.seed, s.num_steps, s.fps) if jax.process_index() == 0 else []
+    logging.info("wrote %d files to %s", len(paths), out)
+    return paths
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,48 @@
+"""The optax chain from config: clip -> AdamW with warmup + schedule."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """SoFlow's ImageNet recipe: AdamW lr 1e-4, betas (0.9, 0.99), no weight decay, no clipping."""
+    cfg = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.0, eps=1e-8,
+        warmup_steps=0, schedule="constant",  # 'constant' | 'cosine'
+        grad_clip=0.0,  # Global-norm clip; 0 = off.
+        ema_decay=0.9999, ema_warmup=False,  # Warmup: decay_t = min(decay, (1 + t) / (10 + t)).
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - cfg.warmup_steps, 1))
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose 'constant' or 'cosine'.")
+    if cfg.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(learning_rate(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def ema_decay(cfg: ml_collections.ConfigDict, step):
+    """EMA decay at `step` (a traced int), with the optional warmup for short runs."""
+    if not cfg.ema_warmup:
+        return cfg.ema_decay
+    import jax.numpy as jnp
+
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))

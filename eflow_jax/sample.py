@@ -1,0 +1,147 @@
+"""Sampling from a run: pick the sampler for the run's objective, restore EMA params, export videos.
+
+Used by the train loop (periodic samples) and by `--mode=sample` / `--mode=export`. Sampling
+needs only the params (EMA by default), so it runs on any mesh / device count.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from eflow_jax import checkpoint, sharding
+from eflow_jax.flow import samplers
+from eflow_jax.flow.network import Network
+from eflow_jax.models import dit
+
+SOLUTION_SAMPLERS = ("renoise", "chain")
+ITERATIVE_SAMPLERS = ("euler", "heun")
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, net: Network, num_steps: int, sample_cfg=None):
+    """A jitted fn(params, noise, labels, rng) -> videos for the run's objective.
+
+    Solution-flow runs ('eflow', 'solution_flow') use the few-step solution-map samplers (no CFG:
+    guidance is trained in); flow-matching runs use Euler/Heun with CFG or path-drop guidance.
+    """
+    sample_cfg = sample_cfg or config.sample
+    sampler = sample_cfg.sampler
+    few_step = config.objective.name != "flow_matching"
+    if few_step and sampler not in SOLUTION_SAMPLERS:
+        sampler = "renoise"
+    if not few_step and sampler not in ITERATIVE_SAMPLERS:
+        sampler = "euler"
+    if sampler == "renoise":
+        fn = lambda p, z, y, r: samplers.renoise_sample(net, p, z, y, num_steps, r)  # noqa: E731
+    elif sampler == "chain":
+        fn = lambda p, z, y, r: samplers.chain_sample(net, p, z, y, num_steps)  # noqa: E731
+    else:
+        solve = samplers.euler_sample if sampler == "euler" else samplers.heun_sample
+        fn = lambda p, z, y, r: solve(net, p, z, y, num_steps, sample_cfg.guidance_scale,  # noqa: E731
+                                      sample_cfg.guidance)
+    return jax.jit(fn)
+
+
+def sample_inputs(config: ml_collections.ConfigDict, labels: list[int], seed: int):
+    """Noise and labels for `labels`, one fixed key per (seed, index): reproducible anywhere."""
+    shape = tuple(config.model.video_shape)
+    keys = jax.random.split(jax.random.key(seed), len(labels))
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+    return noise, jnp.asarray(labels, jnp.int32)
+
+
+def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
+    if not text:
+        return [i % num_classes for i in range(num)]
+    labels = [int(v) for v in str(text).split(",") if v.strip()]
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"--sample.labels {bad} outside [0, {num_classes}); this run has {num_classes} classes.")
+    return (labels * ((num + len(labels) - 1) // len(labels)))[:num] if num > len(labels) else labels
+
+
+def generate(config, net, params, labels: list[int], num_steps: int, seed: int, batch_size: int,
+             sample_cfg=None, mesh=None) -> np.ndarray:
+    """Videos [N, T, H, W, C] (model space) for `labels`, batched; deterministic for a seed."""
+    fn = make_sample_fn(config, net, num_steps, sample_cfg)
+    noise, y = sample_inputs(config, labels, seed)
+    out = []
+    for start in range(0, len(labels), batch_size):
+        z, yy = noise[start:start + batch_size], y[start:start + batch_size]
+        pad = batch_size - z.shape[0]  # Keep one compiled shape: pad the last batch.
+        z = jnp.concatenate([z, jnp.zeros((pad, *z.shape[1:]), z.dtype)]) if pad else z
+        yy = jnp.concatenate([yy, jnp.zeros((pad,), yy.dtype)]) if pad else yy
+        if mesh is not None and batch_size % sharding.data_parallel_size(mesh) == 0:
+            z, yy = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, yy))
+        rng = jax.random.fold_in(jax.random.key(seed + 1), start)
+        out.append(np.asarray(fn(params, z, yy, rng))[: batch_size - pad])
+    return np.concatenate(out)
+
+
+def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int) -> list[str]:
+    """mp4 + gif per clip and a grid, via eval.export (pixels in [-1, 1] assumed)."""
+    from eflow_jax.eval import export
+
+    os.makedirs(out_dir, exist_ok=True)
+    seeds = [seed] * len(labels)
+    return export.save_samples(out_dir, np.clip(videos, -1, 1), list(labels), seeds, num_steps, fps)
+
+
+# ---- loading a run for sampling ----
+
+
+def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
+    """The config snapshot a training run (or an export) wrote."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir or an "
+                                f"export directory (python -m eflow_jax.main --mode=export).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def abstract_params(config, mesh):
+    """Shapes + shardings of the model params on `mesh` (nothing allocated)."""
+    model = dit.EFlowDiT(config.model)
+    boxed = jax.eval_shape(functools.partial(dit.init_params, model, jax.random.key(0)))
+    shardings = sharding.logical_to_sharding(boxed, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)
+
+
+def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int | None = None):
+    """EMA (or raw) params from a run's checkpoints or an export dir, onto `mesh`."""
+    target = abstract_params(config, mesh)
+    export_dir = os.path.join(run_dir, "params")
+    if os.path.isdir(export_dir):  # An export: params only, no optimizer state.
+        import orbax.checkpoint as ocp
+
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+            return ckptr.restore(os.path.abspath(export_dir), item=target, restore_args=restore_args)
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    logging.info("restoring %s params from %s", "EMA" if use_ema else "raw", ckpt_dir)
+    return checkpoint.restore_params(ckpt_dir, target, step=step, which="ema" if use_ema else "params")
+
+
+def export(run_dir: str, out_dir: str, mesh, *, use_ema: bool = True, step: int | None = None) -> str:
+    """Writes params (EMA by default) + config.json to out_dir: small, loadable by `load_params`."""
+    import orbax.checkpoint as ocp
+
+    config = load_run_config(run_dir)
+    params = load_params(run_dir, config, mesh, use_ema=use_ema, step=step)
+    os.makedirs(out_dir, exist_ok=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    return out_dir

@@ -1,0 +1,63 @@
+"""Where metrics go: TensorBoard events (tensorboardX, no TensorFlow needed) and metrics.jsonl.
+
+Only process 0 writes; every other process gets a writer that drops everything, so the loop
+calls it unconditionally. clu's metric writers import TensorFlow (shared/ENV.md), hence
+tensorboardX for the events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak per chip, for MFU. Unknown chips report MFU as null.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+class MetricWriter:
+    """Scalars to TensorBoard + metrics.jsonl, images/videos to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None}
+        for k, v in clean.items():
+            self._tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+
+    def video_strip(self, step: int, tag: str, strip_hwc: np.ndarray) -> None:
+        """An image strip of video frames in [-1, 1] ([H, W*k, C])."""
+        if self.enabled:
+            img = np.clip((strip_hwc[..., :3] + 1) * 127.5, 0, 255).astype(np.uint8)
+            self._tb.add_image(tag, img, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
