@@ -46,6 +46,7 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
     c.train = ml_collections.ConfigDict(dict(
         skip_nonfinite=False,  # True: skip updates with a non-finite loss/grad instead of stopping.
         check_memory=True,  # Print the compiled step's memory analysis before step 1.
+        stop_at_step=0,  # > 0: save and exit cleanly after this step (time-limited jobs); resume later.
         inject_nan_at_step=-1,  # Debug only: make the loss NaN at this step (tests the NaN stop).
     ))
     c.sample = sample_config()

@@ -3,14 +3,15 @@ r"""Tiny EFlow model on the embedded moving-shapes dataset: a few minutes on a l
     python -m eflow_jax.main --config=configs/demo.py --workdir=/tmp/eflow_demo
 
 Writes checkpoints, TensorBoard events, metrics.jsonl and 1-/2-step sample videos to the workdir.
-Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch.
+Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch,
+test (the smaller clip shape the test suite trains on).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, steps=600, objective="eflow", batch=32)
+    a = common.parse_arg(arg, steps=600, objective="eflow", batch=32, test=False)
     c = common.base_config("tiny", a.objective)
     c.total_steps = a.steps
     c.batch_size = a.batch
@@ -22,4 +23,10 @@ def get_config(arg=None):
     c.checkpoint.update(save_every=200, keep_every=0)
     c.log.update(every_steps=50, sample_every=0, num_samples=4)
     c.eval.fvd.update(num_gen_clips=64, num_real_clips=64, batch_size=16)
+    if a.test:  # 4x16x16 clips, 64 tokens: the shape tests/ train on (fast to compile on CPU).
+        c.model.update(video_shape=(4, 16, 16, 3), patch=(1, 4, 4), tile=(2, 4, 4), cell=(1, 4, 4))
+        c.data.update(num_frames=4, resolution=16, num_examples=64)
+        c.checkpoint.update(save_every=2)
+        c.log.update(every_steps=1, sample_steps=(), num_samples=2)
+        c.train.check_memory = False
     return c

@@ -164,7 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 jax.profiler.stop_trace()
 
             is_last = step == config.total_steps
-            must_save = ckpt.should_save(step) or is_last or guard.should_stop(step)
+            stop_here = step == config.train.stop_at_step or guard.should_stop(step)
+            must_save = ckpt.should_save(step) or is_last or stop_here
             if step % config.log.every_steps == 0 or must_save:
                 # Never checkpoint a non-finite state: check every flag since the last check.
                 bad = np.flatnonzero(np.asarray(jax.device_get(finite_flags)) == 0)
@@ -188,12 +189,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                              step, values["loss"], values["steps_per_s"], values["examples_per_s"],
                              values["tflops_per_device"], _fmt(values.get("mfu")), eta)
                 pending, window, t0 = None, [], time.perf_counter()
-            if must_save and ckpt.save(step, state, data_iter, force=is_last or guard.requested):
+            if must_save and ckpt.save(step, state, data_iter, force=is_last or stop_here):
                 last_good = step
             if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
                 write_samples(step)
-            if guard.should_stop(step):
-                logging.warning("preemption requested: saved step %d, exiting cleanly", step)
+            if stop_here:
+                logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)
                 break
     ckpt.close()
     if step == config.total_steps and config.log.sample_steps:

@@ -1,0 +1,166 @@
+r"""Training-throughput benchmark: one JSON line per (setting), measured in one process on one card.
+
+    python -m eflow_jax.bench.train --suite=kinetics      # EFlow-B vs standard solution flow, 16x64x64 video
+    python -m eflow_jax.bench.train --suite=imagenet      # one-frame 32x32x4 latents (SoFlow's workload)
+    python -m eflow_jax.bench.train --suite=model         # EFlow-B forward+backward, drop 0 vs 0.75
+    python -m eflow_jax.bench.train --suite=tiny          # CPU smoke run
+
+Each row: compiled once, warm-up excluded, median of `--iters` timed steps (block_until_ready).
+The cost-model forward-equivalents (flow/cost.py) print beside the measured examples/s, and
+`cudnn_attention_calls` counts cuDNN fused-attention custom calls in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from eflow_jax import optim, sharding, train, writers
+from eflow_jax import state as state_lib
+from eflow_jax.flow import cost
+from eflow_jax.models import dit
+
+# name -> (objective, model overrides). 'soflow' is standard solution flow on a dense DiT with full
+# attention and joint conditioning: the baseline of the 2.5x claim.
+SETTINGS = {
+    "soflow_dense": ("solution_flow", dict(mode="full", keep_per_group=4, decoupled=False)),
+    "eflow": ("eflow", dict()),
+    "eflow_no_mva": ("eflow", dict()),
+    "flow_matching_dense": ("flow_matching", dict(mode="full", keep_per_group=4, decoupled=False)),
+}
+
+SUITES = {
+    # 16x64x64 pixels, patch (2,4,4): 8x16x16 = 2048 tokens.
+    "kinetics": dict(variant="B", video_shape=(16, 64, 64, 3), patch=(2, 4, 4), tile=(4, 4, 4),
+                     cell=(2, 4, 4), batch=32, settings=("soflow_dense", "eflow", "eflow_no_mva",
+                                                         "flow_matching_dense")),
+    # SoFlow's ImageNet workload: 32x32x4 latents, patch 2: 256 tokens (ANCHORS.md table).
+    "imagenet": dict(variant="B", video_shape=(1, 32, 32, 4), patch=(1, 2, 2), tile=(1, 8, 8),
+                     cell=(1, 2, 2), batch=256, settings=("soflow_dense", "eflow", "flow_matching_dense")),
+    "tiny": dict(variant="tiny", video_shape=(4, 16, 16, 3), patch=(1, 4, 4), tile=(2, 4, 4),
+                 cell=(1, 4, 4), batch=16, settings=("soflow_dense", "eflow")),
+}
+
+
+def build(suite: dict, setting: str, dtype: str, remat: str):
+    objective, overrides = SETTINGS[setting]
+    c = common.base_config(suite["variant"], objective)
+    c.batch_size = suite["batch"]
+    c.total_steps = 100_000
+    c.model.update(video_shape=suite["video_shape"], patch=suite["patch"], tile=suite["tile"],
+                   cell=suite["cell"], num_classes=1000, dtype=dtype, remat=remat, **overrides)
+    if setting == "eflow_no_mva":
+        c.objective.mva.enabled = False
+    return c
+
+
+def time_train_step(c, iters: int) -> dict:
+    mesh = sharding.make_mesh(c.mesh)
+    model, net = dit.make_network(c.model)
+    tx = optim.make_optimizer(c.optim, c.total_steps)
+    from eflow_jax.flow import objectives
+
+    loss_fn = objectives.make_loss(c.objective, net, c.total_steps)
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, 0)
+    state = state_lib.create_state(model, tx, mesh, 0, shardings)
+    bs = {"video": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
+    step = jax.jit(train.make_train_step(c, net, tx, loss_fn), in_shardings=(shardings, bs),
+                   donate_argnums=(0,))
+    t, h, w, ch = c.model.video_shape
+    keys = jax.random.split(jax.random.key(0), 2)
+    batch = {"video": jax.device_put(jax.random.normal(keys[0], (c.batch_size, t, h, w, ch)), bs["video"]),
+             "label": jax.device_put(jax.random.randint(keys[1], (c.batch_size,), 0, 1000), bs["label"])}
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    hlo = compiled.as_text()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    flops = dit.count_flops(c.model).as_dict()
+    fe = cost.forward_equivalents(c.objective, flops, c.batch_size, c.model.decoupled)
+    tflops = fe["flops_per_example"] * c.batch_size / med / jax.device_count() / 1e12
+    peak = writers.peak_flops_per_device()
+    return dict(step_ms=1e3 * med, examples_per_s=c.batch_size / med, compile_s=compile_s,
+                forward_equivalents=fe["per_example"], model_tflops_per_device=tflops,
+                mfu=tflops * 1e12 / peak if peak else None,
+                cudnn_attention_calls=hlo.count("__cudnn$fmha"), loss=float(m["loss"]))
+
+
+def time_model(c, drop: bool, iters: int) -> dict:
+    """Forward+backward of the network alone (token-dropped or dense) on a batch."""
+    model, net = dit.make_network(c.model)
+    import flax.linen as nn
+
+    params = jax.jit(lambda: nn.meta.unbox(dit.init_params(model, jax.random.key(0))))()
+    b = c.batch_size
+    x = jax.random.normal(jax.random.key(1), (b, *c.model.video_shape))
+    t = jnp.full((b,), 0.5)
+    y = jnp.zeros((b,), jnp.int32)
+    keep = net.sample_keep(jax.random.key(2), b) if drop else None
+
+    def loss(p):
+        return jnp.mean(net(p, x, t, t * 0.5, y, keep) ** 2)
+
+    fn = jax.jit(jax.grad(loss)).lower(params).compile()
+    jax.block_until_ready(fn(params))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params))
+        times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    flops = dit.count_flops(c.model)
+    fwd = flops.dropped if drop else flops.full
+    return dict(fwd_bwd_ms=1e3 * med, samples_per_s=b / med, fwd_gflops_per_sample=fwd / 1e9,
+                tflops_per_s=3 * fwd * b / med / 1e12, cudnn_attention_calls=fn.as_text().count("__cudnn$fmha"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="kinetics", choices=[*SUITES, "model"])
+    p.add_argument("--settings", default="", help="Comma-separated subset of the suite's settings.")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--batch", type=int, default=0, help="Override the suite's global batch.")
+    a = p.parse_args()
+    device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
+    if a.suite == "model":
+        suite = dict(SUITES["kinetics"], batch=a.batch or 32)
+        c = build(suite, "eflow", a.dtype, a.remat)
+        for drop in (False, True):
+            row = dict(bench="model_fwd_bwd", device=device, variant=c.model.variant, batch=suite["batch"],
+                       shape=list(c.model.video_shape), drop_ratio=0.75 if drop else 0.0)
+            print(json.dumps(row | time_model(c, drop, a.iters)), flush=True)
+        return
+    suite = dict(SUITES[a.suite])
+    if a.batch:
+        suite["batch"] = a.batch
+    chosen = [s for s in (a.settings.split(",") if a.settings else suite["settings"]) if s]
+    for setting in chosen:
+        c = build(suite, setting, a.dtype, a.remat)
+        row = dict(bench="train_step", suite=a.suite, setting=setting, device=device, devices=jax.device_count(),
+                   variant=c.model.variant, batch=c.batch_size, shape=list(c.model.video_shape),
+                   objective=c.objective.name, mode=c.model.mode, dtype=a.dtype, remat=a.remat)
+        try:
+            row |= time_train_step(c, a.iters)
+        except Exception as e:  # noqa: BLE001 (report OOM etc. as a row, keep going)
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
