@@ -1,0 +1,340 @@
+"""grain input pipelines: source -> shuffle -> per-process slice -> repeat -> clip crop -> batch.
+
+Order matters for three properties:
+  * determinism and exact resumption: every random choice is a function of (seed, element index),
+    and the iterator state (get_state/set_state, or orbax's grain handler) is just a position;
+  * disjoint hosts: every process shuffles the same global permutation and takes its strided slice,
+    so the processes read disjoint examples that together cover the epoch (minus < process_count);
+  * fresh epochs: `repeat` after the shuffle reseeds it each epoch.
+Videos stay uint8 through the workers (4x less to move between processes) and become float32 in
+[-1, 1] in the consuming process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from eflow_jax.data import video_io
+from eflow_jax.data.sources import (
+    PREPARE_HINT,
+    ArrayRecordClipSource,
+    LatentSource,
+    MovingShapesSource,
+    TfdsSource,
+)
+
+SOURCES = ("synthetic", "arrayrecord", "tfds", "latents")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data fields every config carries (configs/ override them)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.source = "synthetic"  # 'synthetic' | 'arrayrecord' | 'tfds' | 'latents'.
+    cfg.path = ""  # Prepared shards / latents directory / TFDS data_dir.
+    cfg.tfds_name = ""
+    cfg.split = "train"  # TFDS split.
+    cfg.tfds_video_key = "video"
+    cfg.tfds_label_key = "label"
+    cfg.num_frames = 16  # T fed to the model (latents: the latent T).
+    cfg.frame_stride = 1  # Take every k-th stored frame.
+    cfg.resolution = 64  # H = W fed to the model.
+    cfg.channels = 3
+    cfg.num_classes = 10
+    cfg.num_examples = 1024  # Synthetic only.
+    cfg.random_flip = True  # Horizontal flips (pixel sources only).
+    cfg.worker_count = 0  # grain mp_prefetch processes; 0 = decode in the training process.
+    cfg.read_threads = (
+        4  # Threads per process reading + decoding examples (FFmpeg runs without the GIL).
+    )
+    cfg.prefetch_buffer = 2  # Batches' worth of examples buffered per process / worker.
+    cfg.on_corrupt = "skip"  # 'skip' (count + warn) | 'fail' (raise with the record index).
+    return cfg
+
+
+def make_source(data_cfg: ml_collections.ConfigDict):
+    """The random-access source named by data_cfg.source (see sources.py)."""
+    source = data_cfg.source
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+    if source == "synthetic":
+        span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
+        return MovingShapesSource(
+            data_cfg.num_examples,
+            span,
+            data_cfg.resolution,
+            data_cfg.resolution,
+            data_cfg.channels,
+            data_cfg.num_classes,
+        )
+    if source == "tfds":
+        if not data_cfg.tfds_name:
+            raise ValueError(
+                "data.source='tfds' needs data.tfds_name (and data.path = its data_dir)"
+            )
+        return TfdsSource(
+            data_cfg.tfds_name,
+            split=data_cfg.split,
+            data_dir=data_cfg.path or None,
+            video_key=data_cfg.tfds_video_key,
+            label_key=data_cfg.tfds_label_key,
+        )
+    if not data_cfg.path:
+        hint = (
+            PREPARE_HINT.format(path="OUT")
+            if source == "arrayrecord"
+            else "eflow_jax.data.sources.write_latents"
+        )
+        raise ValueError(f"data.source={source!r} needs data.path; create the data with:\n  {hint}")
+    if source == "arrayrecord":
+        return ArrayRecordClipSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt)
+    return LatentSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt)
+
+
+def sample_clip(
+    video_thwc: np.ndarray,
+    *,
+    num_frames: int,
+    frame_stride: int,
+    resolution: int,
+    random_flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Temporal crop with stride, short-side resize, square crop, optional flip; uint8 in and out.
+
+    Returns a view of the input where possible.
+
+    With rng=None every choice is central and nothing is flipped (evaluation).
+    """
+    span = (num_frames - 1) * frame_stride + 1
+    length, height, width, _ = video_thwc.shape
+    if length < span:
+        raise ValueError(
+            f"clip has {length} frames, num_frames={num_frames} x frame_stride={frame_stride} "
+            f"needs {span}"
+        )
+    start = (length - span) // 2 if rng is None else int(rng.integers(length - span + 1))
+    video = video_thwc[start : start + span : frame_stride]
+    if min(height, width) != resolution:
+        video = video_io.resize_frames(video, *video_io.short_side_size(height, width, resolution))
+        height, width = video.shape[1:3]
+    if rng is None:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top, left = (
+            int(rng.integers(height - resolution + 1)),
+            int(rng.integers(width - resolution + 1)),
+        )
+    video = video[:, top : top + resolution, left : left + resolution]
+    if random_flip and rng is not None and rng.random() < 0.5:
+        video = video[:, :, ::-1]
+    return video  # A view: batching copies it once (a contiguous copy here would be a second one).
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipTransform(grain.transforms.RandomMap):
+    """Picklable per-example transform (mp_prefetch workers re-import it by name)."""
+
+    num_frames: int
+    frame_stride: int
+    resolution: int
+    random_flip: bool
+    train: bool
+    latents: bool
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = dict(element)
+        out["label"] = np.int32(element["label"])
+        if not self.latents:  # Latents are used as stored: no crop, resize or flip.
+            out["video"] = sample_clip(
+                element["video"],
+                num_frames=self.num_frames,
+                frame_stride=self.frame_stride,
+                resolution=self.resolution,
+                random_flip=self.random_flip,
+                rng=rng if self.train else None,
+            )
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToModelInput(grain.transforms.Map):
+    """uint8 video -> float32 in [-1, 1]; latents -> float32 as stored."""
+
+    latents: bool
+
+    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        out["video"] = video = batch["video"].astype(np.float32)
+        if not self.latents:
+            video *= 2.0 / 255.0  # In place: a batch of 128^2 clips is tens of MB.
+            video -= 1.0
+        return out
+
+
+def _to_iterator(ds: grain.MapDataset, data_cfg, batch_size: int, *, drop_remainder: bool):
+    latents = data_cfg.source == "latents"
+    buffer = max(1, data_cfg.prefetch_buffer * batch_size)
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=buffer)
+    )
+    if data_cfg.worker_count > 0:
+        # grain reads absl flags when it starts workers; a plain script (no app.run) hasn't parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # Workers prefetch examples, not batches: they interleave back into the original order, so
+        # the batches are the same for any worker_count (0 replays exactly what training saw).
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=data_cfg.worker_count, per_worker_buffer_size=buffer
+            )
+        )
+    return iter(it_ds.batch(batch_size, drop_remainder=drop_remainder).map(_ToModelInput(latents)))
+
+
+def _transform(data_cfg, *, train: bool) -> _ClipTransform:
+    return _ClipTransform(
+        num_frames=data_cfg.num_frames,
+        frame_stride=data_cfg.frame_stride,
+        resolution=data_cfg.resolution,
+        random_flip=data_cfg.random_flip,
+        train=train,
+        latents=data_cfg.source == "latents",
+    )
+
+
+def make_train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Infinite, shuffled per-process batches {'video': float32 [b,T,H,W,C], 'label': int32 [b]}.
+
+    Args:
+        data_cfg: see default_data_config().
+        global_batch_size: batch over all processes; each yields global_batch_size // process_count.
+        seed: shuffle and augmentation seed; the same seed gives the same batches.
+        process_index, process_count: this process's slice of every epoch.
+
+    Returns:
+        a grain DatasetIterator; save/restore its position with get_state()/set_state().
+    """
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    source = make_source(data_cfg)
+    # Equal slices keep every process in the same epoch; the < process_count leftovers change per
+    # epoch.
+    usable = len(source) - len(source) % process_count
+    if usable < process_count:
+        raise ValueError(f"{len(source)} examples cannot be split over {process_count} processes")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle()
+    ds = ds[process_index:usable:process_count].repeat(None)
+    # Processes draw independent augmentations: their seed mixes in the process index.
+    augment_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    ds = ds.random_map(_transform(data_cfg, train=True), seed=augment_seed)
+    return _to_iterator(ds, data_cfg, global_batch_size // process_count, drop_remainder=True)
+
+
+def make_eval_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    num_examples: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = False,
+) -> grain.DatasetIterator:
+    """One pass, in order, central crops: real clips for FVD statistics.
+
+    Args:
+        data_cfg: see default_data_config() (point `split`/`path` at the evaluation data).
+        batch_size: per-process batch; the last one may be smaller unless drop_remainder.
+        num_examples: use this many examples, evenly spaced over the dataset (all classes, ordered).
+        process_index, process_count: this process reads examples process_index::process_count.
+    """
+    source = make_source(data_cfg)
+    ds = grain.MapDataset.source(source)
+    if num_examples is not None and num_examples < len(ds):
+        ds = ds[:: len(ds) // num_examples][:num_examples]
+    ds = ds[process_index::process_count].random_map(_transform(data_cfg, train=False), seed=0)
+    return _to_iterator(ds, data_cfg, batch_size, drop_remainder=drop_remainder)
+
+
+def _stored_shape(source) -> tuple[int, ...]:
+    if isinstance(source, ArrayRecordClipSource):
+        return source.clip_shape
+    if isinstance(source, LatentSource):
+        return source.latent_shape
+    if isinstance(source, MovingShapesSource):
+        return source.clip_shape
+    return tuple(source[0]["video"].shape)
+
+
+def validate_data_config(
+    data_cfg: ml_collections.ConfigDict, *, model_frames: int, model_size: int, model_channels: int
+) -> None:
+    """Fails early, with the fix in the message, when the data cannot feed the model.
+
+    Checks: known source, the path exists (else names the prepare command), the dataset is not
+    empty, the config matches the model (frames, size, channels), stored clips are long and large
+    enough.
+    """
+    expected = (model_frames, model_size, model_channels)
+    configured = (data_cfg.num_frames, data_cfg.resolution, data_cfg.channels)
+    if configured != expected:
+        raise ValueError(
+            f"data (num_frames, resolution, channels) = {configured} but the model takes "
+            f"{expected}; set data.num_frames/resolution/channels to match"
+        )
+    if data_cfg.on_corrupt not in ("skip", "fail"):
+        raise ValueError(f"data.on_corrupt must be 'skip' or 'fail', got {data_cfg.on_corrupt!r}")
+    source = make_source(data_cfg)  # Raises for unknown sources and missing paths.
+    if not len(source):
+        raise ValueError(f"data source {data_cfg.source!r} at {data_cfg.path!r} is empty")
+    stored = _stored_shape(source)
+    if data_cfg.source == "latents":
+        want = (model_frames, model_size, model_size, model_channels)
+        if stored != want:
+            raise ValueError(
+                f"latents in {data_cfg.path} are [T,h,w,c]={list(stored)}, the model takes "
+                f"{list(want)}; re-encode them or change the model config"
+            )
+        return
+    length, height, width, channels = stored
+    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
+    if length < span:
+        raise ValueError(
+            f"stored clips have {length} frames; num_frames={data_cfg.num_frames} x "
+            f"frame_stride={data_cfg.frame_stride} needs {span}: lower frame_stride or "
+            f"re-prepare with --frames={span}"
+        )
+    if channels != model_channels:
+        raise ValueError(f"stored clips have {channels} channels, the model takes {model_channels}")
+    if min(height, width) < model_size:
+        raise ValueError(
+            f"stored clips are {height}x{width}, smaller than resolution={model_size}: "
+            f"re-prepare with --size={model_size} (upsampling would blur the data)"
+        )
+    if channels != 3 and min(height, width) != model_size:
+        raise ValueError(
+            f"resizing needs RGB; {channels}-channel clips must be stored at {model_size}"
+        )
+    num_stored_classes = getattr(source, "manifest", {}).get("num_classes", 0)
+    if num_stored_classes > data_cfg.num_classes:
+        raise ValueError(
+            f"the dataset has {num_stored_classes} classes, data.num_classes="
+            f"{data_cfg.num_classes}; raise it"
+        )
