@@ -1,0 +1,251 @@
+"""Per-branch losses shared by the objectives: velocity, weak velocity, consistency, MVA.
+
+Each branch is a pure function of (params, net, batch of explicit inputs, settings) that
+returns a per-sample loss vector [n] and a dict of scalar metrics; objectives.py combines
+branches into `flow_matching`, `solution_flow` and `eflow`. All reductions are per sample
+over every non-batch axis, so the same code serves [B, D] toys and [B, T, H, W, C] video.
+
+Weights follow SoFlow (METHOD.md section 3), with sg = stop-gradient:
+  velocity     w_v = sg 1 / (|d_s b(t,t)| (mean_d D^2 + eps)^p),   L_v = w_v mean_d D^2
+  consistency  dq = sg (f_t - f_l) / (t - l),  w_c = sg 1 / (mean_d dq^2 + eps)^p,
+               L_con = sgn(b(t,s)) w_c mean_d(N * dq)   (its gradient equals that of
+               w_c (t - l) / |b| * 0.5 mean_d((f_t - sg f_l) / (t - l))^2)
+  MVA          D = N - (lam u1 + (1 - lam) u2),  w_m = sg 1 / (mean_d D^2 + eps)^p,
+               L_mva = w_m mean_d D^2           (METHOD.md section 6)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from eflow_jax.flow import guidance as guide
+from eflow_jax.flow import interpolant as path
+from eflow_jax.flow.network import Keep, Network, Params
+
+Metrics = dict[str, jax.Array]
+
+
+class VelocityBatch(NamedTuple):
+    """Inputs of a velocity (flow-matching) branch; all arrays lead with the batch axis."""
+
+    x0: jax.Array  # clean data [n, ...]
+    eps: jax.Array  # noise like x0
+    t: jax.Array  # float [n]
+    y: jax.Array  # int [n] class labels
+    uncond_mask: jax.Array  # bool [n]: label dropped -> null label, unguided target
+    keep: Keep = None  # per-sample kept-token ids, or None for dense
+
+
+class ConsistencyBatch(NamedTuple):
+    """Inputs of a consistency branch (SoFlow section 3 plus the MVA split point lam)."""
+
+    x0: jax.Array
+    eps: jax.Array
+    t: jax.Array  # float [n], t > s
+    s: jax.Array  # float [n]
+    l: jax.Array  # float [n], s <= l < t: the near-t point of the consistency loss
+    y: jax.Array
+    uncond_mask: jax.Array
+    lam: jax.Array  # float [n] in (0, 1): MVA split m = t + lam (s - t)
+    keep: Keep = None
+
+
+class Guidance(NamedTuple):
+    """Static guidance settings of a branch (mode 'none' means unguided targets)."""
+
+    mode: str = "none"  # 'none' | 'cfg' | 'path_drop'
+    scale: float = 1.0
+    mix: float = 1.0
+    tau_d: float = 1.0
+    k: float = 0.025
+    weak_label: str = "null"  # 'null' (SPRINT) or 'cond' (pure autoguidance ablation)
+    uncond_dropped: bool = False  # cfg ablation: run the unconditional pass token-dropped
+
+
+def per_sample_mse(delta: jax.Array) -> jax.Array:
+    """mean over all non-batch axes of delta^2, in float32 [n]."""
+    d = delta.astype(jnp.float32)
+    return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
+
+
+def per_sample_mean(v: jax.Array) -> jax.Array:
+    """mean over all non-batch axes, in float32 [n]."""
+    return jnp.mean(v.astype(jnp.float32), axis=tuple(range(1, v.ndim)))
+
+
+def adaptive_weight(
+    mse: jax.Array, p: float, eps: float, scale: jax.Array | float = 1.0
+) -> jax.Array:
+    """sg 1 / (scale (mse + eps)^p): down-weights samples with large residuals."""
+    return jax.lax.stop_gradient(1.0 / (scale * (mse + eps) ** p))
+
+
+def labels_in(y: jax.Array, uncond_mask: jax.Array, null_label: int) -> jax.Array:
+    """The label the network sees: the null label where the label was dropped."""
+    return jnp.where(uncond_mask, null_label, y).astype(jnp.int32)
+
+
+def _reference(net: Network, params: Params, x_t, t, y, keep, g: Guidance) -> jax.Array:
+    """The stop-gradient velocity that guidance pushes away from (unconditional or weak)."""
+    if g.mode == "cfg":
+        return guide.cfg_reference(net, params, x_t, t, keep if g.uncond_dropped else None)
+    label = y if g.weak_label == "cond" else None
+    return guide.path_drop_reference(net, params, x_t, t, label)
+
+
+def _target(net, params, x_t, v_t, v_pred, t, y, uncond, keep, g: Guidance) -> jax.Array:
+    """The training target: v_t when unguided, else SoFlow's guided, mixed, masked target."""
+    if not guide.guidance_active(g.mode, g.scale):
+        return v_t
+    v_ref = _reference(net, params, x_t, t, y, keep, g)
+    return guide.guided_target(
+        v_t, v_ref, v_pred, t, uncond, scale=g.scale, mix=g.mix, tau_d=g.tau_d, k=g.k
+    )
+
+
+def velocity_loss(
+    pred: jax.Array, target: jax.Array, t: jax.Array, p: float, eps: float, adaptive: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-sample velocity loss. Returns (loss [n], mse [n], weight [n])."""
+    mse = per_sample_mse(pred - jax.lax.stop_gradient(target))
+    if adaptive:
+        weight = adaptive_weight(mse, p, eps, jnp.abs(path.dbds_at_diagonal(t)))
+    else:
+        weight = jnp.ones_like(mse)
+    return weight * mse, mse, weight
+
+
+def velocity_branch(
+    params: Params, net: Network, b: VelocityBatch, g: Guidance, *, p: float, eps: float,
+    adaptive: bool = True, interpolant: str = "linear",
+) -> tuple[jax.Array, Metrics]:
+    """Velocity loss on the full path: graded v_pred = F(x_t, t, t, y') vs the guided target.
+
+    The graded pass doubles as SoFlow's mix prediction (under stop-gradient).
+    """
+    x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
+    y_in = labels_in(b.y, b.uncond_mask, net.null_label)
+    v_pred = net(params, x_t, b.t, b.t, y_in, b.keep)
+    target = _target(net, params, x_t, v_t, jax.lax.stop_gradient(v_pred), b.t, b.y,
+                     b.uncond_mask, b.keep, g)
+    loss, mse, weight = velocity_loss(v_pred, target, b.t, p, eps, adaptive)
+    return loss, {"vel_mse": mse.mean(), "vel_weight": weight.mean(), "vel_loss": loss.mean()}
+
+
+def weak_branch(
+    params: Params, net: Network, b: VelocityBatch, *, p: float, eps: float,
+    adaptive: bool = True, interpolant: str = "linear", weak_label: str = "null",
+) -> tuple[jax.Array, Metrics]:
+    """Trains the weak path: graded F^weak(x_t, t, t, null) vs the unguided v_t (PDG, section 5)."""
+    x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
+    label = b.y if weak_label == "cond" else jnp.full(b.t.shape, net.null_label, jnp.int32)
+    v_pred = net.weak(params, x_t, b.t, label)
+    loss, mse, weight = velocity_loss(v_pred, v_t, b.t, p, eps, adaptive)
+    return loss, {"weak_mse": mse.mean(), "weak_weight": weight.mean(), "weak_loss": loss.mean()}
+
+
+def solution_consistency(
+    params: Params, net: Network, x_t: jax.Array, N: jax.Array, t, s, l, y_in, keep: Keep,
+    v_step: jax.Array, *, p: float, eps: float,
+) -> tuple[jax.Array, Metrics]:
+    """SoFlow's consistency loss given the graded online output N = F(x_t, t, s, y').
+
+    Args:
+      x_t: noised input [n, ...]. N: online output with gradient. t, s, l: times [n].
+      y_in: labels the online pass saw. keep: the online pass's token mask (reused by the
+        target pass, SoFlow's "same dropout RNG"). v_step: stop-gradient velocity of the
+        Euler step x_l = x_t + (l - t) v_step (the guided target, or the exact velocity in
+        closed-form tests).
+    Returns:
+      (loss [n], metrics) with con_mse = mean dq^2 and con_weight = mean w_c.
+    """
+    x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
+    f_l = path.solution_map(x_l, net(params, x_l, l, s, y_in, keep), l, s)
+    f_t = path.solution_map(x_t, N, t, s)
+    dq = jax.lax.stop_gradient((f_t - f_l) / path.bcast(t - l, f_t))
+    dq_mse = per_sample_mse(dq)
+    weight = adaptive_weight(dq_mse, p, eps)
+    sign_b = jnp.sign(s - t).astype(jnp.float32)
+    loss = sign_b * weight * per_sample_mean(N * dq)
+    return loss, {"con_mse": dq_mse.mean(), "con_weight": weight.mean(), "con_loss": loss.mean()}
+
+
+def mva_regularizer(
+    params: Params, net: Network, x_t: jax.Array, N: jax.Array, query, t, s, lam, y_in, keep: Keep,
+    *, p: float, eps: float,
+) -> tuple[jax.Array, Metrics]:
+    """Mean-velocity additivity: N should equal lam u1 + (1 - lam) u2 (METHOD.md section 6).
+
+    Args:
+      query: s_query -> sg F(x_t, t, s_query, y'); with decoupled conditioning this is a
+        decoder-only pass on the shared (stop-gradient) trunk.
+      lam: split fractions [n]; m = t + lam (s - t).
+    Returns:
+      (loss [n], metrics) with mva_residual = mean Delta^2.
+    """
+    m = t + lam * (s - t)
+    u1 = jax.lax.stop_gradient(query(m))
+    x_m = path.euler_step(x_t, u1, t, m)
+    u2 = jax.lax.stop_gradient(net(params, x_m, m, s, y_in, keep))
+    lam_b = path.bcast(lam, N)
+    residual = per_sample_mse(N - (lam_b * u1 + (1.0 - lam_b) * u2))
+    weight = adaptive_weight(residual, p, eps)
+    loss = weight * residual
+    return loss, {"mva_residual": residual.mean(), "mva_weight": weight.mean(),
+                  "mva_loss": loss.mean()}
+
+
+def consistency_branch(
+    params: Params, net: Network, b: ConsistencyBatch, g: Guidance, *, p: float, eps: float,
+    reuse_trunk: bool, mva_beta: float = 0.0, fm_on_con: bool = False, adaptive: bool = True,
+    interpolant: str = "linear",
+) -> tuple[jax.Array, Metrics]:
+    """Consistency loss (+ beta MVA, + optional FM) on one sub-batch.
+
+    reuse_trunk=True (EFlow): the trunk h = encode(x_t, t, y', keep) is computed once; the
+    graded N decodes it at s, and the stop-gradient queries at s = t (mix prediction) and at
+    m (MVA u1) decode sg(h). reuse_trunk=False (SoFlow): every query is a separate full pass.
+    """
+    x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
+    y_in = labels_in(b.y, b.uncond_mask, net.null_label)
+    if reuse_trunk:
+        trunk = net.encode(params, x_t, b.t, y_in, b.keep, False)
+        N = net.decode(params, trunk, b.t, b.s, y_in)
+        trunk_sg = jax.lax.stop_gradient(trunk)
+
+        def query(s_query):
+            return jax.lax.stop_gradient(net.decode(params, trunk_sg, b.t, s_query, y_in))
+    else:
+        N = net(params, x_t, b.t, b.s, y_in, b.keep)
+
+        def query(s_query):
+            return jax.lax.stop_gradient(net(params, x_t, b.t, s_query, y_in, b.keep))
+
+    metrics: Metrics = {}
+    v_pred_graded = None
+    if fm_on_con:  # the velocity at s = t with gradient; with a shared trunk it is decoder-only
+        v_pred_graded = (net.decode(params, trunk, b.t, b.t, y_in) if reuse_trunk
+                         else net(params, x_t, b.t, b.t, y_in, b.keep))
+    needs_pred = guide.guidance_active(g.mode, g.scale) and g.mix != 1.0
+    if v_pred_graded is not None:
+        v_pred = jax.lax.stop_gradient(v_pred_graded)
+    else:
+        v_pred = query(b.t) if needs_pred else None
+    target = _target(net, params, x_t, v_t, v_pred, b.t, b.y, b.uncond_mask, b.keep, g)
+
+    loss, m_con = solution_consistency(params, net, x_t, N, b.t, b.s, b.l, y_in, b.keep, target,
+                                       p=p, eps=eps)
+    metrics.update(m_con)
+    if mva_beta > 0.0:
+        l_mva, m_mva = mva_regularizer(params, net, x_t, N, query, b.t, b.s, b.lam, y_in, b.keep,
+                                       p=p, eps=eps)
+        loss = loss + mva_beta * l_mva
+        metrics.update(m_mva)
+    if v_pred_graded is not None:
+        l_fm, mse, _ = velocity_loss(v_pred_graded, target, b.t, p, eps, adaptive)
+        loss = loss + l_fm
+        metrics["con_fm_mse"] = mse.mean()
+    return loss, metrics

@@ -1,0 +1,192 @@
+"""A tiny MLP with the EFlow layout, for tests and the 2-D toy benchmark.
+
+Layout (mirrors METHOD.md section 4.1 on vectors instead of tokens):
+    x [B, D] -> in-projection -> encoder blocks (c_trunk) -> h_enc
+    middle blocks (c_trunk), or the frozen vector mu on the weak path
+    fuse = Linear([middle ; h_enc]) -> decoder blocks (c_dec) -> zero-init out-projection -> F
+Decoupled conditioning: c_trunk = e_t(t) + e_y(y), c_dec = e_t(t) + e_dt(t - s) + e_y(y), so
+`encode` (trunk) never sees s. Joint conditioning: every block sees e_t + e_dt + e_y; then
+`encode` only packs its inputs and `decode` runs the whole network.
+There are no tokens, so `sample_keep` returns None and `keep` is ignored.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from eflow_jax.flow.network import Network
+
+
+@struct.dataclass
+class JointTrunk:
+    """What `encode` hands to `decode` under joint conditioning: just the inputs."""
+
+    x: jax.Array
+    t: jax.Array
+    y: jax.Array
+    keep: object = None
+    weak: bool = struct.field(pytree_node=False, default=False)
+
+
+def time_features(t: jax.Array, dim: int, scale: float = 1.0, max_period: float = 1e4) -> jax.Array:
+    """Sinusoidal features of scale * t, [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
+    angles = (scale * t)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimeEmbed(nn.Module):
+    """Sinusoidal features followed by a 2-layer MLP."""
+
+    width: int
+    freq_dim: int = 64
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        h = nn.Dense(self.width)(time_features(t, self.freq_dim, self.scale))
+        return nn.Dense(self.width)(nn.silu(h))
+
+
+class Block(nn.Module):
+    """Residual MLP block conditioned additively on c."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        u = nn.LayerNorm()(h)
+        u = nn.silu(nn.Dense(self.width)(u) + nn.Dense(self.width)(nn.silu(c)))
+        return h + nn.Dense(self.width)(u)
+
+
+class ToyMLP(nn.Module):
+    """F_theta(x, t, s, y) for vectors x [B, D]; see the module docstring for the layout."""
+
+    data_dim: int
+    num_classes: int
+    width: int = 128
+    encoder_depth: int = 1
+    middle_depth: int = 2
+    decoder_depth: int = 2
+    decoupled: bool = True
+    # Sinusoids of time_scale * t. 1 = SoFlow's raw t: smooth in (t, t - s), which is what
+    # lets the map extrapolate to the sampler's (1 -> 0) query; 1000 (DiT-style) does not.
+    time_scale: float = 1.0
+
+    def setup(self):
+        self.embed_t = TimeEmbed(self.width, scale=self.time_scale)
+        self.embed_dt = TimeEmbed(self.width, scale=self.time_scale)
+        self.embed_y = nn.Embed(self.num_classes + 1, self.width)  # last index = null label
+        self.proj_in = nn.Dense(self.width)
+        self.encoder = [Block(self.width) for _ in range(self.encoder_depth)]
+        self.middle = [Block(self.width) for _ in range(self.middle_depth)]
+        self.fuse = nn.Dense(self.width)
+        self.decoder = [Block(self.width) for _ in range(self.decoder_depth)]
+        self.norm_out = nn.LayerNorm()
+        self.proj_out = nn.Dense(self.data_dim, kernel_init=nn.initializers.zeros)
+        # Frozen stand-in for the middle output on the weak path (SPRINT's mu ~ N(0, 0.02^2)).
+        mu = 0.02 * np.random.default_rng(17).standard_normal(self.width)
+        self.mu = jnp.asarray(mu, jnp.float32)
+
+    def _trunk(self, x, t, y, weak: bool, dt=None) -> jax.Array:
+        c = self.embed_t(t) + self.embed_y(y)
+        if dt is not None:
+            c = c + self.embed_dt(dt)
+        h = self.proj_in(x)
+        for block in self.encoder:
+            h = block(h, c)
+        if weak:
+            mid = jnp.broadcast_to(self.mu.astype(h.dtype), h.shape)
+        else:
+            mid = h
+            for block in self.middle:
+                mid = block(mid, c)
+        return self.fuse(jnp.concatenate([mid, h], axis=-1))
+
+    def encode(self, x, t, y, keep=None, weak: bool = False):
+        if self.decoupled:
+            return self._trunk(x, t, y, weak)
+        return JointTrunk(x, t, y, keep, weak)
+
+    def decode(self, trunk, t, s, y) -> jax.Array:
+        if self.decoupled:
+            h = trunk
+        else:
+            h = self._trunk(trunk.x, trunk.t, trunk.y, trunk.weak, dt=t - s)
+        c = self.embed_t(t) + self.embed_dt(t - s) + self.embed_y(y)
+        for block in self.decoder:
+            h = block(h, c)
+        return self.proj_out(self.norm_out(h))
+
+    def __call__(self, x, t, s, y):
+        """Full forward, also used to create every parameter at init."""
+        return self.decode(self.encode(x, t, y), t, s, y)
+
+
+def make_toy_network(module: ToyMLP) -> Network:
+    """Wrap a ToyMLP as the objectives' `Network` (params = the flax variables dict)."""
+
+    def encode(params, x, t, y, keep, weak):
+        return module.apply(params, x, t, y, keep, weak, method=ToyMLP.encode)
+
+    def decode(params, trunk, t, s, y):
+        return module.apply(params, trunk, t, s, y, method=ToyMLP.decode)
+
+    return Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None,
+                   null_label=module.num_classes, decoupled=module.decoupled)
+
+
+def init_toy_params(module: ToyMLP, rng: jax.Array, dtype=jnp.float32):
+    """Initial variables for `module` (built on a batch of 2)."""
+    x = jnp.zeros((2, module.data_dim), dtype)
+    t = jnp.ones((2,), jnp.float32)
+    return jax.jit(module.init)(rng, x, t, 0.5 * t, jnp.zeros((2,), jnp.int32))
+
+
+def random_toy_params(module: ToyMLP, seed: int = 0, dtype=jnp.float32, scale: float = 1.0):
+    """Random (non-zero everywhere, including the output layer) variables, drawn with numpy.
+
+    For tests: no parameter is zero, so every path of the network is exercised, and no
+    per-parameter PRNG program has to be compiled (flax init compiles one per layer).
+    """
+    shapes = jax.eval_shape(lambda: init_toy_params(module, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
+        return jnp.asarray(scale * rng.standard_normal(leaf.shape) / np.sqrt(fan_in), dtype)
+
+    return jax.tree.map(draw, shapes)
+
+
+def make_linear_network(data_dim: int, num_classes: int, seed: int = 0):
+    """A cheap analytic Network (and its params) for tests of objective and sampler logic.
+
+    trunk h = x W + t b_t + E[y] (weak path: x W_weak + t b_t + E[y]); decoder
+    F = tanh(h) * (1 + (t - s) a) + (t - s) c. Nonlinear in x and s, a few ops to compile.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(*shape):
+        return jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+
+    params = dict(W=draw(data_dim, data_dim), W_weak=draw(data_dim, data_dim), b_t=draw(data_dim),
+                  E=draw(num_classes + 1, data_dim), a=draw(data_dim), c=draw(data_dim))
+
+    def encode(p, x, t, y, keep, weak):
+        w = p["W_weak"] if weak else p["W"]
+        return x @ w.astype(x.dtype) + t[:, None] * p["b_t"] + p["E"][y]
+
+    def decode(p, h, t, s, y):
+        dt = (t - s)[:, None]
+        return jnp.tanh(h) * (1.0 + dt * p["a"]) + dt * p["c"]
+
+    net = Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None,
+                  null_label=num_classes, decoupled=True)
+    return net, params

@@ -1,0 +1,116 @@
+"""Samplers: grids, determinism, batched CFG, ODE order; plus one tiny toy-benchmark smoke run."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eflow_jax.bench import toy
+from eflow_jax.flow import samplers
+from eflow_jax.flow.network import Network
+from eflow_jax.flow.toy_net import make_linear_network
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def lin():
+    return make_linear_network(2, NUM_CLASSES)
+
+
+def _inputs(n=8):
+    noise = jax.random.normal(jax.random.PRNGKey(0), (n, 2))
+    return noise, jnp.arange(n) % NUM_CLASSES
+
+
+def test_time_grid():
+    assert samplers.time_grid(1) == [1.0, 0.0]
+    assert samplers.time_grid(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError):
+        samplers.time_grid(0)
+
+
+def test_renoise_sampler_matches_the_recipe_and_is_deterministic(lin):
+    net, params = lin
+    noise, y = _inputs()
+    rng = jax.random.PRNGKey(3)
+    sample = jax.jit(samplers.renoise_sample, static_argnums=(0, 4))
+    out = sample(net, params, noise, y, 2, rng)
+    np.testing.assert_array_equal(out, sample(net, params, noise, y, 2, rng))
+    assert not np.allclose(out, sample(net, params, noise, y, 2, jax.random.PRNGKey(4)))
+    # By hand: x0 = f(x, 1, 0); x = 0.5 x0 + 0.5 eps_0; return f(x, 0.5, 0).
+    ones, zeros = jnp.ones(8), jnp.zeros(8)
+    x0 = net.solution(params, noise, ones, zeros, y)
+    fresh = jax.random.normal(jax.random.split(rng, 1)[0], noise.shape)
+    expected = net.solution(params, 0.5 * x0 + 0.5 * fresh, 0.5 * ones, zeros, y)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chain_sampler_by_hand(lin):
+    net, params = lin
+    noise, y = _inputs()
+    out = samplers.chain_sample(net, params, noise, y, 2)
+    half = 0.5 * jnp.ones(8)
+    x_half = net.solution(params, noise, 2 * half, half, y)
+    expected = net.solution(params, x_half, half, 0 * half, y)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def _count_encodes(net: Network):
+    calls = []
+
+    def encode(params, x, t, y, keep, weak):
+        calls.append((x.shape[0], weak))
+        return net.encode(params, x, t, y, keep, weak)
+
+    return dataclasses.replace(net, encode=encode), calls
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "path_drop"])
+def test_euler_guidance_is_batched_and_correct(lin, guidance):
+    net, params = lin
+    noise, y = _inputs()
+    spy, calls = _count_encodes(net)
+    sample = lambda p, x: samplers.euler_sample(spy, p, x, y, 50, 3.0, guidance)  # noqa: E731
+    jax.make_jaxpr(sample)(params, noise)
+    # One velocity evaluation per step inside a fori_loop: cfg = one 2B call, PDG = full + weak.
+    assert calls == ([(16, False)] if guidance == "cfg" else [(8, False), (8, True)])
+    out = jax.jit(lambda p, x: samplers.euler_sample(net, p, x, y, 2, 3.0, guidance))(params, noise)
+    x, null = noise, jnp.full((8,), NUM_CLASSES)
+    for t in (1.0, 0.5):
+        tt = jnp.full((8,), t)
+        v_c = net(params, x, tt, tt, y)
+        v_u = net(params, x, tt, tt, null) if guidance == "cfg" else net.weak(params, x, tt, null)
+        x = x - 0.5 * (v_u + 3.0 * (v_c - v_u))
+    np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-6)
+
+
+def test_heun_is_second_order_and_euler_first_order():
+    # dx/dt = x (F = x): integrating from t = 1 to 0 gives x(0) = x(1) / e.
+    net = Network(encode=lambda p, x, t, y, keep, weak: x, decode=lambda p, h, t, s, y: h,
+                  sample_keep=lambda rng, n: None, null_label=1)
+    x1 = jnp.ones((1, 1))
+    y = jnp.zeros((1,), jnp.int32)
+    exact = float(jnp.exp(-1.0))
+    err = {}
+    for name, fn in (("euler", samplers.euler_sample), ("heun", samplers.heun_sample)):
+        finals = [float(fn(net, None, x1, y, n, 1.0, "none")[0, 0]) for n in (10, 20)]
+        err[name] = [abs(v - exact) for v in finals]
+    assert 1.8 < err["euler"][0] / err["euler"][1] < 2.2  # O(h)
+    assert 3.6 < err["heun"][0] / err["heun"][1] < 4.4  # O(h^2)
+    assert err["heun"][1] < 0.05 * err["euler"][1]
+
+
+def test_toy_benchmark_smoke(capsys):
+    """The benchmark end to end at toy size (the real table is in docs/TOY.md)."""
+    toy.main(["--runs", "gaussian:flow_matching:1", "--steps", "10", "--batch", "32",
+              "--width", "8", "--n_per_class", "64", "--sampler_steps", "1", "2"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert "noise_floor_swd" in lines[0]
+    results = lines[1:]
+    assert {(r["sampler"], r["steps"]) for r in results} == {("euler", 1), ("euler", 2)}
+    assert all(np.isfinite(r["swd_data"]) and r["swd_data"] > 0 for r in results)
+    assert "map_rmse" in results[0]
