@@ -50,12 +50,18 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
         inject_nan_at_step=-1,  # Debug only: make the loss NaN at this step (tests the NaN stop).
     ))
     c.sample = sample_config()
-    c.eval = ml_collections.ConfigDict(dict(fvd=ml_collections.ConfigDict(dict(
+    c.eval = eval_config()
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """FVD settings (also the --eval.* flags of `--mode=eval`)."""
+    return ml_collections.ConfigDict(dict(fvd=ml_collections.ConfigDict(dict(
         i3d_path="",  # Converted I3D weights (python -m eflow_jax.eval.convert_i3d).
         num_gen_clips=2048, num_real_clips=2048, batch_size=32, num_steps=2, seed=0,
+        num_frames=16, resolution=224,  # I3D input: first 16 frames, resized to 224^2 (docs/EVAL.md).
         stats_dir="",  # Where real statistics are cached; default: beside the data.
     ))))
-    return c
 
 
 def sample_config() -> ml_collections.ConfigDict:

@@ -251,3 +251,28 @@ def test_time_samplers():
     np.testing.assert_allclose(times.shift_time(jnp.array([0.5]), 3.0), [0.75])
     t2, s2 = times.snap_endpoints(jax.random.PRNGKey(1), t, s, 0.1)
     assert 0.05 < float(jnp.mean(t2 == 1.0)) < 0.15 and bool(jnp.all(s2 < t2))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(fm_on_con=True),
+    dict(guidance="cfg", cfg_uncond_dropped=True),
+    dict(weak_label="cond"),
+    dict(mva=dict(enabled=True, beta=0.5, split="half", snap_prob=0.1)),
+    dict(interpolant="trig", time=dict(shift=3.0)),
+    dict(guidance="none", mva=dict(enabled=False)),
+])
+def test_eflow_ablation_switches_trace(toy, overrides):
+    """Every ablation switch builds a valid program (traced only, so this stays cheap)."""
+    net, params = toy
+    spy = Spy(net)
+    cfg = default_objective_config("eflow")
+    cfg.update(overrides)
+    x0, _, y, _, _ = _batch(16)
+    jaxpr = jax.make_jaxpr(make_loss(cfg, spy.network(), 100))(params, x0, y,
+                                                                 jax.random.PRNGKey(0), 5)
+    assert jaxpr.out_avals[0].shape == ()
+    decodes = len(spy.select(kind="decode", n=4))
+    if overrides.get("fm_on_con"):
+        assert decodes == 6  # graded v_pred replaces the stop-gradient mix query
+    if overrides.get("guidance") == "none":
+        assert decodes == 2  # unguided, no MVA: just the online N and the target pass

@@ -1,7 +1,7 @@
 """Toy benchmark: every objective on 2-D data with known ground truth; one JSON line per result.
 
-    python -m eflow_jax.bench.toy                      # full table (a few minutes on 2 CPU cores)
-    python -m eflow_jax.bench.toy --steps 300 --runs mog:eflow:3
+    python -m eflow_jax.bench.toy                      # docs/TOY.md's table (~8 min, 2 CPU cores)
+    python -m eflow_jax.bench.toy --steps 300 --runs mog:eflow:3 --sampler_steps 1 2
 
 Runs ("dataset:objective:w[:p]"): flow_matching is trained once per data set and sampled with
 Euler at 1, 2, 4, 50 steps, with CFG w in the sampler; solution_flow and eflow bake w into
@@ -13,7 +13,8 @@ Metrics (sliced 1-Wasserstein over 256 directions, averaged over classes):
             for FM's sampler CFG). With w = 1 the reference is the data. eflow's path-drop
             guidance uses a learned weak model, so its reference is only approximate;
   map_rmse  (gaussian) RMS distance of the 1-step map from the exact Phi_{1->0}(eps).
-The first line of each data set reports the noise floor: swd between two reference sets.
+The first line of each data set reports the noise floor: swd between two data sets.
+The objectives keep their default configs except the adaptive-weight power (TOY_P below).
 """
 
 from __future__ import annotations
