@@ -44,6 +44,5 @@ def state_shardings(model, tx, mesh: Mesh, seed: int = 0):
 
 def create_state(model, tx, mesh: Mesh, seed: int, shardings) -> TrainState:
     """Initialises params straight into their shardings (never materialised on one device)."""
-    init = jax.jit(lambda: nn.meta.unbox(_boxed_state(model, tx, seed)), out_shardings=shardings)
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-        return init()
+    # The NamedShardings carry the mesh, so no mesh context is needed.
+    return jax.jit(lambda: nn.meta.unbox(_boxed_state(model, tx, seed)), out_shardings=shardings)()

@@ -61,7 +61,7 @@ def make_train_step(config, net, tx, loss_fn):
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if config.train.skip_nonfinite:  # Keep the old state; the step still counts.
             keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -70,7 +70,7 @@ def make_train_step(config, net, tx, loss_fn):
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                       param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         return new_state, metrics
 
     return train_step
