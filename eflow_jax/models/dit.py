@@ -23,7 +23,7 @@ import ml_collections
 from eflow_jax.flow.network import Network
 from eflow_jax.models import attention, tokens
 from eflow_jax.models.embed import LabelEmbed, TimeEmbed, rope_angles
-from eflow_jax.models.glga import GATES, GLOBAL_KINDS, MODES, Block, Stack, TokenContext
+from eflow_jax.models.glga import GATES, GLOBAL_KINDS, MODES, Stack, TokenContext
 from eflow_jax.models.layers import AdaLN, Dense, RMSNorm, modulate, swiglu_hidden
 
 # name: (width, heads, (encoder, middle, decoder) depths). METHOD.md 4.1 for B and L.
