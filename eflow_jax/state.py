@@ -6,7 +6,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from eflow_jax import sharding
 from eflow_jax.models import dit
