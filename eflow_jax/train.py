@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -78,8 +79,13 @@ def make_train_step(config, net, tx, loss_fn):
 
 def average(metrics: dict) -> clu_metrics.Collection:
     """A clu Collection averaging every scalar metric (merged across steps on device)."""
-    cls = clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in metrics})
-    return cls.single_from_model_output(**metrics)
+    return _averages_of(tuple(sorted(metrics))).single_from_model_output(**metrics)
+
+
+@functools.lru_cache(maxsize=8)
+def _averages_of(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+    # Built once per set of metric names, not once per step: the loop calls `average` every step.
+    return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in names})
 
 
 def train_flops_per_step(config) -> float:
