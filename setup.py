@@ -16,6 +16,7 @@ CORE = [
     "numpy>=2.0",
     "tensorboardX",  # TensorBoard events without TensorFlow (clu's writers import TF).
     "av",  # PyAV: decode real videos, write mp4/gif samples.
+    "pillow",  # tensorboardX encodes the sample strips it logs as PNG through PIL.
 ]
 
 setuptools.setup(
