@@ -57,11 +57,11 @@ def test_mva_residual_is_zero_for_the_exact_map():
         lam_random = jax.random.uniform(jax.random.PRNGKey(3), t.shape, jnp.float64)
         for lam in (jnp.full(t.shape, 0.5), lam_random):
             _, m = br.mva_regularizer(None, net, x, N, lambda q: net.decode(None, trunk, t, q, y),
-                                      t, s, lam, y, None, p=1.0, eps=0.01)
+                                      t, s, lam, y, None, p=1.0, eps=0.01, weighting="none")
             assert float(m["mva_residual"]) < 1e-12  # mean of squares: |residual| < 1e-6
         # A wrong map (scaled F) must show a residual, so the check can fail.
         _, m = br.mva_regularizer(None, net, x, 1.1 * N, lambda q: net.decode(None, trunk, t, q, y),
-                                  t, s, jnp.full(t.shape, 0.5), y, None, p=1.0, eps=0.01)
+                                  t, s, jnp.full(t.shape, 0.5), y, None, p=1.0, eps=0.01, weighting="none")
         assert float(m["mva_residual"]) > 1e-4
 
 

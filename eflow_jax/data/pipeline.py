@@ -273,6 +273,28 @@ def make_eval_iterator(
     return _to_iterator(ds, data_cfg, batch_size, drop_remainder=drop_remainder)
 
 
+HELDOUT_SEED = 1_000_003  # Synthetic held-out clips: a dataset seed no training run uses.
+
+
+def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num` held-out clips (float32 [num, T, H, W, C] in model space) and labels, deterministic.
+
+    Synthetic data draws them from another dataset seed (never seen in training); other sources
+    take the first `num` clips of `data.split` (central crops), so point that at a held-out split.
+    """
+    if data_cfg.source != "synthetic":
+        batch = next(make_eval_iterator(data_cfg, batch_size=num, num_examples=num))
+        return np.asarray(batch["video"], np.float32), np.asarray(batch["label"], np.int32)
+    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
+    source = MovingShapesSource(num, span, data_cfg.resolution, data_cfg.resolution, data_cfg.channels,
+                                data_cfg.num_classes, seed=HELDOUT_SEED)
+    transform = _transform(data_cfg, train=False)
+    items = [transform.random_map(source[i], None) for i in range(num)]
+    batch = _ToModelInput(latents=False).map({"video": np.stack([e["video"] for e in items]),
+                                              "label": np.stack([e["label"] for e in items])})
+    return batch["video"], batch["label"]
+
+
 def _stored_shape(source) -> tuple[int, ...]:
     if isinstance(source, ArrayRecordClipSource):
         return source.clip_shape

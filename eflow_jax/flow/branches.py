@@ -10,8 +10,8 @@ Weights follow SoFlow (METHOD.md section 3), with sg = stop-gradient:
   consistency  dq = sg (f_t - f_l) / (t - l),  w_c = sg 1 / (mean_d dq^2 + eps)^p,
                L_con = sgn(b(t,s)) w_c mean_d(N * dq)   (its gradient equals that of
                w_c (t - l) / |b| * 0.5 mean_d((f_t - sg f_l) / (t - l))^2)
-  MVA          D = N - (lam u1 + (1 - lam) u2),  w_m = sg 1 / (mean_d D^2 + eps)^p,
-               L_mva = w_m mean_d D^2           (METHOD.md section 6)
+  MVA          D = N - (lam u1 + (1 - lam) u2),  L_mva = w_m mean_d D^2 with w_m = w_c by
+               default (the residual relative to the regressed velocity; METHOD.md section 6)
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def solution_consistency(
         Euler step x_l = x_t + (l - t) v_step (the guided target, or the exact velocity in
         closed-form tests).
     Returns:
-      (loss [n], metrics) with con_mse = mean dq^2 and con_weight = mean w_c.
+      (loss [n], metrics) with con_mse = mean dq^2 and con_weight = w_c [n] (the caller averages
+      it; the MVA term reuses it per sample).
     """
     x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
     f_l = path.solution_map(x_l, net(params, x_l, l, s, y_in, keep), l, s)
@@ -170,12 +171,15 @@ def solution_consistency(
     weight = adaptive_weight(dq_mse, p, eps)
     sign_b = jnp.sign(s - t).astype(jnp.float32)
     loss = sign_b * weight * per_sample_mean(N * dq)
-    return loss, {"con_mse": dq_mse.mean(), "con_weight": weight.mean(), "con_loss": loss.mean()}
+    return loss, {"con_mse": dq_mse.mean(), "con_weight": weight, "con_loss": loss.mean()}
+
+
+MVA_WEIGHTINGS = ("consistency", "adaptive", "none")
 
 
 def mva_regularizer(
     params: Params, net: Network, x_t: jax.Array, N: jax.Array, query, t, s, lam, y_in, keep: Keep,
-    *, p: float, eps: float,
+    *, p: float, eps: float, weighting: str = "consistency", con_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Mean-velocity additivity: N should equal lam u1 + (1 - lam) u2 (METHOD.md section 6).
 
@@ -183,6 +187,13 @@ def mva_regularizer(
       query: s_query -> sg F(x_t, t, s_query, y'); with decoupled conditioning this is a
         decoder-only pass on the shared (stop-gradient) trunk.
       lam: split fractions [n]; m = t + lam (s - t).
+      weighting: how the residual is weighted per sample.
+        'consistency' (default): by the consistency loss's weight w_c = sg 1/(mean dq^2 + eps)^p
+          (`con_weight`), i.e. the residual is measured relative to the size of the velocity the
+          sample regresses. 'adaptive': sg 1/(residual + eps)^p, the residual relative to itself;
+          at init F = 0 satisfies additivity exactly, so this weight starts at 1/eps = 100 and the
+          term pins F to the trivially additive (s- and label-blind) solution: eflow then does not
+          learn (kept only as an ablation). 'none': plain mean squares.
     Returns:
       (loss [n], metrics) with mva_residual = mean Delta^2.
     """
@@ -192,7 +203,16 @@ def mva_regularizer(
     u2 = jax.lax.stop_gradient(net(params, x_m, m, s, y_in, keep))
     lam_b = path.bcast(lam, N)
     residual = per_sample_mse(N - (lam_b * u1 + (1.0 - lam_b) * u2))
-    weight = adaptive_weight(residual, p, eps)
+    if weighting == "consistency":
+        if con_weight is None:
+            raise ValueError("weighting='consistency' needs the consistency weight con_weight.")
+        weight = jax.lax.stop_gradient(con_weight)
+    elif weighting == "adaptive":
+        weight = adaptive_weight(residual, p, eps)
+    elif weighting == "none":
+        weight = jnp.ones_like(residual)
+    else:
+        raise ValueError(f"mva weighting={weighting!r}; use one of {MVA_WEIGHTINGS}.")
     loss = weight * residual
     return loss, {"mva_residual": residual.mean(), "mva_weight": weight.mean(),
                   "mva_loss": loss.mean()}
@@ -200,8 +220,8 @@ def mva_regularizer(
 
 def consistency_branch(
     params: Params, net: Network, b: ConsistencyBatch, g: Guidance, *, p: float, eps: float,
-    reuse_trunk: bool, mva_beta: float = 0.0, fm_on_con: bool = False, adaptive: bool = True,
-    interpolant: str = "linear",
+    reuse_trunk: bool, mva_beta: float = 0.0, mva_weighting: str = "consistency",
+    fm_on_con: bool = False, adaptive: bool = True, interpolant: str = "linear",
 ) -> tuple[jax.Array, Metrics]:
     """Consistency loss (+ beta MVA, + optional FM) on one sub-batch.
 
@@ -238,10 +258,11 @@ def consistency_branch(
 
     loss, m_con = solution_consistency(params, net, x_t, N, b.t, b.s, b.l, y_in, b.keep, target,
                                        p=p, eps=eps)
-    metrics.update(m_con)
+    con_weight = m_con.pop("con_weight")
+    metrics.update(m_con, con_weight=con_weight.mean())
     if mva_beta > 0.0:
         l_mva, m_mva = mva_regularizer(params, net, x_t, N, query, b.t, b.s, b.lam, y_in, b.keep,
-                                       p=p, eps=eps)
+                                       p=p, eps=eps, weighting=mva_weighting, con_weight=con_weight)
         loss = loss + mva_beta * l_mva
         metrics.update(m_mva)
     if v_pred_graded is not None:

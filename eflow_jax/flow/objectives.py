@@ -62,7 +62,9 @@ def default_objective_config(name: str) -> ml_collections.ConfigDict:
     c.r0 = 0.1  # l schedule r(k) = r0 (r1 / r0)^(k / K)
     c.r1 = 0.002
     c.mva = ml_collections.ConfigDict(
-        dict(enabled=name == "eflow", beta=1.0, split="uniform", snap_prob=0.0)
+        # weighting: 'consistency' (w_c, default) | 'adaptive' (1/(residual+eps): does not learn,
+        # ablation only) | 'none'. See branches.mva_regularizer.
+        dict(enabled=name == "eflow", beta=1.0, split="uniform", snap_prob=0.0, weighting="consistency")
     )
     c.token_drop = name == "eflow"  # one net.sample_keep mask per sample
     c.fm_on_con = False  # also regress the velocity on consistency samples (free with a trunk)
@@ -77,6 +79,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"guidance={c.guidance!r}; use 'none', 'cfg' or 'path_drop'.")
     if c.mva.split not in ("uniform", "half"):
         raise ValueError(f"mva.split={c.mva.split!r}; use 'uniform' or 'half'.")
+    if c.mva.weighting not in br.MVA_WEIGHTINGS:
+        raise ValueError(f"mva.weighting={c.mva.weighting!r}; use one of {br.MVA_WEIGHTINGS}.")
     if not 0.0 <= c.velocity_ratio <= 1.0 or not 0.0 <= c.weak_ratio < 1.0:
         raise ValueError("velocity_ratio must be in [0, 1] and weak_ratio in [0, 1).")
     if c.name == "flow_matching":
@@ -187,7 +191,8 @@ def eflow_core(params: Params, net: Network, vel: VelocityBatch | None, weak: Ve
     if con is not None:
         con_loss, m = br.consistency_branch(
             params, net, con, g, p=c.p, eps=c.eps, reuse_trunk=True,
-            mva_beta=float(c.mva.beta) if c.mva.enabled else 0.0, fm_on_con=c.fm_on_con,
+            mva_beta=float(c.mva.beta) if c.mva.enabled else 0.0, mva_weighting=c.mva.weighting,
+            fm_on_con=c.fm_on_con,
             adaptive=c.adaptive_weight, interpolant=c.interpolant)
         metrics.update(m)
     n_weak = 0 if weak is None else weak.t.shape[0]
