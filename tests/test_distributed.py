@@ -22,7 +22,8 @@ SINGLE_HOST = [  # Must not initialize: it would wait for peers that never come.
     ({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}, {}),  # One-host GKE slice.
     ({"MEGASCALE_NUM_SLICES": "1", "TPU_WORKER_HOSTNAMES": "w-0"}, {}),
     (dict(SLURM_4_TASKS, SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1"), {}),  # One task.
-    ({k: v for k, v in SLURM_4_TASKS.items() if k not in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")}, {}),  # salloc shell.
+    # A shell inside salloc: the allocation has 4 tasks, this is one process.
+    ({k: v for k, v in SLURM_4_TASKS.items() if k not in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")}, {}),
     ({"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0"}, {}),
 ]
 
