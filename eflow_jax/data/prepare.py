@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
-import glob
 import os
 import signal
 import sys
@@ -45,6 +45,7 @@ from eflow_jax.data.prepare_inputs import (  # noqa: F401 (VIDEO_EXTENSIONS, Vid
 )
 from eflow_jax.data.sources import MANIFEST_NAME, WRITER_OPTIONS, pack_record
 from eflow_jax.data.tfds_export import export_tfds  # noqa: F401 (part of this command's API)
+
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
