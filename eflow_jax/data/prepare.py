@@ -147,12 +147,15 @@ def prepare_shard(task: tuple[str, str, list[VideoItem], PrepareSettings]) -> di
     writer = array_record_module.ArrayRecordWriter(
         tmp_path, WRITER_OPTIONS["uncompressed" if settings.codec == "jpeg" else "zstd"]
     )
-    num_clips, skipped, parent = 0, [], os.getppid()
+    # Set in a worker process only: a nohup'ed single-process run must survive its shell.
+    parent = multiprocessing.parent_process()
+    num_clips, skipped = 0, []
     for item in items:
-        if os.getppid() != parent:  # The parent was killed (SIGKILL): stop writing into --out.
+        if parent is not None and not parent.is_alive():  # Killed (SIGKILL): stop writing into --out.
             writer.close()
             os.remove(tmp_path)
-            raise Stopped(f"parent process {parent} died; {shard_name} left unfinished")
+            print(f"[prepare] worker {os.getpid()}: parent {parent.pid} died, stopping", file=sys.stderr)
+            os._exit(1)  # Nobody is left to take an exception, and the pool's queue would block.
         records, skip = prepare_video(item, settings)
         for record in records:
             writer.write(record)
