@@ -256,7 +256,12 @@ def _restore_subtrees(
                 f"No checkpoint {'' if step is None else f'for step {step} '}in {directory} "
                 f"(committed steps: {sorted(manager.all_steps())}); pass a run's checkpoint dir."
             )
-        metadata = manager.item_metadata(step)[_STATE]
+    # Only the state item is opened: the manager's metadata/restore would visit the saved data
+    # iterator too and warn that it "could not be restored" on every params-only load.
+    item_dir = os.path.join(directory, str(step), _STATE)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as item_checkpointer:
+        metadata = item_checkpointer.metadata(item_dir)
+        metadata = getattr(metadata, "item_metadata", None) or metadata
         saved = getattr(metadata, "tree", metadata)
         for field, abstract in abstract_subtrees.items():
             if field not in saved:
@@ -272,7 +277,7 @@ def _restore_subtrees(
                     "check the model config matches the one of the checkpoint."
                 )
         args = _pytree_restore_args(dict(abstract_subtrees), partial=True)
-        restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+        restored = item_checkpointer.restore(item_dir, args=args)
     return dict(restored), step
 
 

@@ -34,11 +34,12 @@ from eflow_jax import sample, sharding
 from eflow_jax.data import pipeline
 from eflow_jax.eval import fvd, i3d
 from eflow_jax.models import dit
+from eflow_jax.progress import Progress
 
 # videos in model space [B, T, H, W, C] (numpy) -> RGB videos [B, T', H', W', 3] in [-1, 1].
 Decoder = Callable[[np.ndarray], np.ndarray]
 CONVERT_HINT = ("python -m eflow_jax.eval.convert_i3d --src=rgb_imagenet.pt --out=i3d.npz "
-                "(see docs/EVAL.md), then pass --config.eval.fvd.i3d_path=i3d.npz")
+                "(see docs/EVAL.md), then pass --eval.fvd.i3d_path=i3d.npz")
 
 
 def run_fvd(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
@@ -190,9 +191,11 @@ def real_statistics(config, protocol: dict, workdir: str,
     # this runs once per protocol.
     batches = pipeline.make_eval_iterator(config.data, batch_size=int(cfg.batch_size),
                                           num_examples=protocol["num_real_clips"])
+    progress = Progress("FVD real clips", protocol["num_real_clips"])
     for batch in batches:
         videos = batch["video"]
         acc.update(features(decode(videos) if decode is not None else videos))
+        progress.update(len(videos))
     if acc.count != protocol["num_real_clips"]:
         raise RuntimeError(f"read {acc.count} real clips, expected {protocol['num_real_clips']} "
                            f"(corrupt records skipped?); set data.on_corrupt='fail' to find them")
@@ -219,35 +222,16 @@ def network_for(model_json: str):
     return dit.make_network(ml_collections.ConfigDict(json.loads(model_json)))[1]
 
 
-def clip_noise(shape: tuple[int, ...], seed: int, start: int, count: int) -> jax.Array:
-    """Noise [count, *shape] for clips start..start+count: one key per (seed, clip index), so any
-    batching gives the same clips."""
-    return _clip_noise(tuple(shape), count, jax.random.key(seed), jnp.int32(start))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _clip_noise(shape, count, key, start):
-    indices = start + jnp.arange(count, dtype=jnp.int32)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
-
-
 def generate_batches(config, net, params, mesh, *, num_clips: int, num_steps: int, seed: int,
                      batch_size: int):
     """Yields model-space videos [b, T, H, W, C] (numpy), labels cycling over all classes.
 
-    One compiled sampler (the last batch is padded to batch_size); batches are split over the
-    mesh's data axes when batch_size divides evenly.
+    `sample.generate_batches`, the path --mode=sample and training samples take: a seed gives the
+    same clips there and here, whatever the batch size.
     """
-    fn = sample.make_sample_fn(config, net, num_steps)
-    shard = batch_size % sharding.data_parallel_size(mesh) == 0
-    for start in range(0, num_clips, batch_size):
-        count = min(batch_size, num_clips - start)
-        z = clip_noise(config.model.video_shape, seed, start, batch_size)  # Pad rows: real noise.
-        y = jnp.arange(start, start + batch_size, dtype=jnp.int32) % config.model.num_classes
-        if shard:
-            z, y = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, y))
-        rng = jax.random.fold_in(jax.random.key(seed + 1), start)
-        yield sample.to_host(fn(params, z, y, rng))[:count]
+    labels = sample.parse_labels("", num_clips, config.model.num_classes)
+    return sample.generate_batches(config, net, params, labels, num_steps, seed, batch_size, mesh=mesh,
+                                   what="FVD generated clips")
 
 
 def i3d_features_on_mesh(params, videos: np.ndarray, mesh, batch_size: int, num_frames: int,

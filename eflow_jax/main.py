@@ -27,11 +27,11 @@ def _cheap_cpu_compiles() -> None:
 
 _cheap_cpu_compiles()
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import common  # noqa: E402
+from eflow_jax import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
@@ -42,7 +42,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.
 flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval"], "What to do.")
 flags.DEFINE_string("out", "", "Output directory for sample/export/eval (default: under workdir).")
 flags.DEFINE_bool("multiprocess", None, "Call jax.distributed.initialize() (default: auto on multi-host "
-                  "launchers such as TPU pods and SLURM).")
+                  "platforms: GCE/GKE TPU pods, SLURM, JAX_COORDINATOR_ADDRESS; see eflow_jax/distributed.py).")
 
 
 def _quiet_libraries(record) -> bool:
@@ -51,24 +51,12 @@ def _quiet_libraries(record) -> bool:
     return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
 
 
-def _maybe_initialize_distributed() -> None:
-    auto = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"))
-    if FLAGS.multiprocess or (FLAGS.multiprocess is None and auto and _more_than_one_task()):
-        jax.distributed.initialize()
-
-
-def _more_than_one_task() -> bool:
-    if "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_NTASKS"]) > 1
-    return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    _maybe_initialize_distributed()
+    distributed.maybe_initialize(FLAGS.multiprocess)
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (the run directory).")
 
@@ -90,7 +78,8 @@ def main(argv) -> None:
                             use_ema=FLAGS.sample.use_ema, step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
         logging.info("exported params + config to %s", out)
     elif FLAGS.mode == "sample":
-        run_sample(config, mesh)
+        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "samples", "cli"),
+                               FLAGS.sample, mesh)
     else:
         from eflow_jax import evaluate
 
@@ -101,22 +90,6 @@ def main(argv) -> None:
 
         evaluate.run_fvd(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh,
                          step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
-
-
-def run_sample(config, mesh) -> list[str]:
-    from eflow_jax import sample
-    from eflow_jax.models import dit
-
-    s = FLAGS.sample
-    _, net = dit.make_network(config.model)
-    params = sample.load_params(FLAGS.workdir, config, mesh, use_ema=s.use_ema,
-                                step=None if s.step < 0 else s.step)
-    labels = sample.parse_labels(s.labels, s.num, config.model.num_classes)
-    videos = sample.generate(config, net, params, labels, s.num_steps, s.seed, s.batch_size, s, mesh)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", "cli")
-    paths = sample.write_videos(out, videos, labels, s.seed, s.num_steps, s.fps) if jax.process_index() == 0 else []
-    logging.info("wrote %d files to %s", len(paths), out)
-    return paths
 
 
 if __name__ == "__main__":

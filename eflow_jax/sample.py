@@ -1,6 +1,7 @@
 """Sampling from a run: pick the sampler for the run's objective, restore EMA params, export videos.
 
-Used by the train loop (periodic samples) and by `--mode=sample` / `--mode=export`. Sampling
+Used by the train loop (periodic samples), `--mode=sample` / `--mode=export` and FVD (one
+generator, `generate_batches`, for all of them). Sampling
 needs only the params (EMA by default), so it runs on any mesh / device count.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,6 +23,7 @@ from eflow_jax import checkpoint, sharding
 from eflow_jax.flow import samplers
 from eflow_jax.flow.network import Network
 from eflow_jax.models import dit
+from eflow_jax.progress import Progress
 
 SOLUTION_SAMPLERS = ("renoise", "chain")
 ITERATIVE_SAMPLERS = ("euler", "heun")
@@ -62,12 +65,20 @@ def _jitted_sampler(net: Network, num_steps: int, sampler: str, guidance_scale: 
     return jax.jit(fn)
 
 
-def sample_inputs(config: ml_collections.ConfigDict, labels: list[int], seed: int):
-    """Noise and labels for `labels`, one fixed key per (seed, index): reproducible anywhere."""
-    shape = tuple(config.model.video_shape)
-    keys = jax.random.split(jax.random.key(seed), len(labels))
-    noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-    return noise, jnp.asarray(labels, jnp.int32)
+def clip_inputs(shape, seed: int, start: int, count: int) -> tuple[jax.Array, jax.Array]:
+    """(noise [count, *shape], renoise keys [count]) of clips start..start+count.
+
+    Everything a clip draws comes from its own key fold_in(key(seed), clip index), so a clip is the
+    same whatever the batch size and whichever path (train-time samples, --mode=sample, FVD) asks.
+    """
+    return _clip_inputs(tuple(int(d) for d in shape), int(count), jax.random.key(seed), jnp.int32(start))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _clip_inputs(shape, count, key, start):
+    clip_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(count, dtype=jnp.int32))
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(clip_keys)
+    return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(clip_keys)
 
 
 def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
@@ -80,22 +91,35 @@ def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
     return (labels * ((num + len(labels) - 1) // len(labels)))[:num] if num > len(labels) else labels
 
 
-def generate(config, net, params, labels: list[int], num_steps: int, seed: int, batch_size: int,
-             sample_cfg=None, mesh=None) -> np.ndarray:
-    """Videos [N, T, H, W, C] (model space) for `labels`, batched; deterministic for a seed."""
+def generate_batches(config, net, params, labels: Sequence[int], num_steps: int, seed: int,
+                     batch_size: int, sample_cfg=None, mesh=None, *, what: str = "sampling",
+                     log: Callable[[str], None] | None = None) -> Iterator[np.ndarray]:
+    """Yields videos [b, T, H, W, C] (model space, numpy) for `labels`, batch by batch.
+
+    The one sampling path: clip i is drawn from fold_in(key(seed), i) whatever the batching. One
+    compiled sampler (the last batch is padded with real clips' noise); batches are split over the
+    mesh's data axes when batch_size divides evenly. Logs progress (clips, rate, ETA).
+    """
     fn = make_sample_fn(config, net, num_steps, sample_cfg)
-    noise, y = sample_inputs(config, labels, seed)
-    out = []
+    shard = mesh is not None and batch_size % sharding.data_parallel_size(mesh) == 0
+    labels = [int(v) for v in labels]
+    progress = Progress(what, len(labels), log=log)
     for start in range(0, len(labels), batch_size):
-        z, yy = noise[start:start + batch_size], y[start:start + batch_size]
-        pad = batch_size - z.shape[0]  # Keep one compiled shape: pad the last batch.
-        z = jnp.concatenate([z, jnp.zeros((pad, *z.shape[1:]), z.dtype)]) if pad else z
-        yy = jnp.concatenate([yy, jnp.zeros((pad,), yy.dtype)]) if pad else yy
-        if mesh is not None and batch_size % sharding.data_parallel_size(mesh) == 0:
-            z, yy = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, yy))
-        rng = jax.random.fold_in(jax.random.key(seed + 1), start)
-        out.append(to_host(fn(params, z, yy, rng))[: batch_size - pad])
-    return np.concatenate(out)
+        count = min(batch_size, len(labels) - start)
+        z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size)
+        y = jnp.asarray(labels[start:start + count] + [0] * (batch_size - count), jnp.int32)
+        if shard:
+            z, y, keys = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, y, keys))
+        videos = to_host(fn(params, z, y, keys))[:count]
+        progress.update(count)
+        yield videos
+
+
+def generate(config, net, params, labels: Sequence[int], num_steps: int, seed: int, batch_size: int,
+             sample_cfg=None, mesh=None, *, log: Callable[[str], None] | None = None) -> np.ndarray:
+    """Videos [N, T, H, W, C] (model space) for `labels`: generate_batches, concatenated."""
+    return np.concatenate(list(generate_batches(config, net, params, labels, num_steps, seed, batch_size,
+                                                sample_cfg, mesh, log=log)))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -107,13 +131,36 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int) -> list[str]:
-    """mp4 + gif per clip and a grid, via eval.export (pixels in [-1, 1] assumed)."""
+def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int,
+                 log: Callable[[str], None] | None = None) -> list[str]:
+    """mp4 + gif per clip (named by clip index, label and seed: repeated labels never collide) and
+    a grid, via eval.export (pixels in [-1, 1] assumed). Returns the files written."""
     from eflow_jax.eval import export
 
     os.makedirs(out_dir, exist_ok=True)
-    seeds = [seed] * len(labels)
-    return export.save_samples(out_dir, np.clip(videos, -1, 1), list(labels), seeds, num_steps, fps)
+    n = len(labels)
+    progress = Progress("writing videos", n, log=log)
+    return [str(p) for p in export.save_samples(out_dir, np.clip(videos, -1, 1), list(labels), [seed] * n,
+                                                num_steps, fps, indices=range(n),
+                                                on_written=lambda: progress.update(1))]
+
+
+def run_sample_mode(config, workdir: str, out_dir: str, sample_cfg, mesh) -> list[str]:
+    """--mode=sample: `sample_cfg.num` clips of `sample_cfg.labels` from a run's (EMA) params, written
+    to out_dir. Returns the files written (every process generates; process 0 writes)."""
+    from eflow_jax.models import dit
+
+    s = sample_cfg
+    _, net = dit.make_network(config.model)
+    params = load_params(workdir, config, mesh, use_ema=s.use_ema, step=None if s.step < 0 else s.step)
+    labels = parse_labels(s.labels, s.num, config.model.num_classes)
+    videos = generate(config, net, params, labels, s.num_steps, s.seed, s.batch_size, s, mesh)
+    if jax.process_index() != 0:
+        return []
+    paths = write_videos(out_dir, videos, labels, s.seed, s.num_steps, s.fps)
+    written = sorted({p for p in paths if os.path.isfile(p)})
+    logging.info("wrote %d files (%d clips as mp4 + gif, and a grid) to %s", len(written), len(labels), out_dir)
+    return written
 
 
 # ---- loading a run for sampling ----

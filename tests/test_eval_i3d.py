@@ -214,3 +214,16 @@ def test_converter_and_loader_reject_wrong_files(tmp_path, torch_src, shapes):
         i3d.load_i3d_params(bad_path)
     with pytest.raises(FileNotFoundError, match="convert_i3d"):
         i3d.load_i3d_params(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("content", [b"<html>403 Forbidden</html>" * 20, b"PK\x03\x04truncated", b""])
+def test_loader_names_the_converter_for_a_file_that_is_not_an_npz(tmp_path, content):
+    # A .pt checkpoint, an HTML error page or a truncated download: numpy would advise allow_pickle.
+    path = tmp_path / "i3d.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="python -m eflow_jax.eval.convert_i3d") as info:
+        i3d.load_i3d_params(path)
+    assert "allow_pickle" not in str(info.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="convert_i3d"):
+        i3d.load_i3d_params(tmp_path / "array.npy")

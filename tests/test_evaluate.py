@@ -8,6 +8,7 @@ protocol states.
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -153,3 +154,16 @@ def test_fvd_is_zero_when_the_decoder_returns_the_real_clips(setup, tmp_path):
     assert seen == [(BATCH, 4, 16, 16, 3)] * (NUM_CLIPS // BATCH)
     _, sigma = fvd.load_stats(result["real_stats"])
     assert abs(result["fvd"]) < 1e-9 * np.trace(sigma)
+
+
+def test_convert_hint_names_a_flag_eval_mode_accepts():
+    # --mode=eval reads the run's config.json (no --config), so only --eval.* overrides reach it:
+    # a hint saying --config.eval.fvd.i3d_path=... is rejected as an unknown flag.
+    from eflow_jax import main
+
+    flag = re.search(r"then pass --([\w.]+)=", evaluate.CONVERT_HINT).group(1)
+    name, *path = flag.split(".")
+    assert name in main.FLAGS and name != "config", flag
+    value = main.FLAGS[name].value
+    for key in path:
+        value = value[key]

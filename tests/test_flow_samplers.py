@@ -114,3 +114,77 @@ def test_toy_benchmark_smoke(capsys):
     assert {(r["sampler"], r["steps"]) for r in results} == {("euler", 1), ("euler", 2)}
     assert all(np.isfinite(r["swd_data"]) and r["swd_data"] > 0 for r in results)
     assert "map_rmse" in results[0]
+
+
+# ---- fori_loop samplers vs the unrolled Python loops they replaced ----
+
+
+def _unrolled(name, net, params, noise, y, n, rng):
+    """The samplers as they were: one traced network call per step (a Python loop)."""
+    grid = [1.0 - i / n for i in range(n + 1)]
+    full = lambda v: jnp.full((noise.shape[0],), v, jnp.float32)  # noqa: E731
+    x = noise
+    if name == "renoise":
+        keys = jax.random.split(rng, max(n - 1, 1))
+        for i in range(n - 1):
+            x0 = net.solution(params, x, full(grid[i]), full(0.0), y)
+            x = (1 - grid[i + 1]) * x0 + grid[i + 1] * jax.random.normal(keys[i], x.shape)
+        return net.solution(params, x, full(grid[n - 1]), full(0.0), y)
+    if name == "chain":
+        for i in range(n):
+            x = net.solution(params, x, full(grid[i]), full(grid[i + 1]), y)
+        return x
+    velocity = samplers.guided_velocity_fn(net, params, y, 2.0, "cfg")
+    for i in range(n):
+        t, s = full(grid[i]), full(grid[i + 1])
+        v1 = velocity(x, t)
+        if name == "euler":
+            x = x + (s - t)[:, None] * v1
+        else:
+            v2 = velocity(x + (s - t)[:, None] * v1, s)
+            x = x + (s - t)[:, None] * 0.5 * (v1 + v2)
+    return x
+
+
+def _looped(name, net, params, noise, y, n, rng):
+    if name == "renoise":
+        return samplers.renoise_sample(net, params, noise, y, n, rng)
+    if name == "chain":
+        return samplers.chain_sample(net, params, noise, y, n)
+    fn = samplers.euler_sample if name == "euler" else samplers.heun_sample
+    return fn(net, params, noise, y, n, 2.0, "cfg")
+
+
+@pytest.mark.parametrize("name", ["renoise", "chain", "euler", "heun"])
+def test_looped_samplers_equal_the_unrolled_loops(lin, name):
+    net, params = lin
+    noise, y = _inputs()
+    rng = jax.random.PRNGKey(7)
+    for n in (1, 2, 5):
+        np.testing.assert_allclose(_looped(name, net, params, noise, y, n, rng),
+                                   _unrolled(name, net, params, noise, y, n, rng), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["renoise", "chain", "euler", "heun"])
+def test_sampler_program_size_does_not_grow_with_steps(lin, name):
+    # An unrolled loop traces one network call per step: 200 steps would be ~50x the 4-step jaxpr.
+    net, params = lin
+    noise, y = _inputs()
+    rng = jax.random.PRNGKey(7)
+
+    def size(n):
+        jaxpr = jax.make_jaxpr(lambda p, x: _looped(name, net, p, x, y, n, rng))(params, noise)
+        return len(str(jaxpr))
+
+    assert size(200) < 1.2 * size(4)
+
+
+def test_renoise_with_per_sample_keys_does_not_depend_on_the_batch(lin):
+    net, params = lin
+    noise, y = _inputs()
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(8))
+    whole = samplers.renoise_sample(net, params, noise, y, 3, keys)
+    halves = [samplers.renoise_sample(net, params, noise[s], y[s], 3, keys[s])
+              for s in (slice(0, 3), slice(3, 8))]
+    np.testing.assert_allclose(whole, np.concatenate(halves), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(whole, samplers.renoise_sample(net, params, noise, y, 3, keys[::-1]))

@@ -16,13 +16,15 @@ videos are skipped and listed, never fatal.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -33,11 +35,16 @@ import numpy as np
 from array_record.python import array_record_module
 
 from eflow_jax.data import video_io
+from eflow_jax.data.prepare_inputs import (  # noqa: F401 (VIDEO_EXTENSIONS, VideoItem: part of this API)
+    VIDEO_EXTENSIONS,
+    VideoItem,
+    broken_link_reason,
+    check_numeric_args,
+    file_size,
+    list_videos,
+)
 from eflow_jax.data.sources import MANIFEST_NAME, WRITER_OPTIONS, pack_record
 from eflow_jax.data.tfds_export import export_tfds  # noqa: F401 (part of this command's API)
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
-KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,67 +61,13 @@ class PrepareSettings:
     max_seconds: float = 60.0  # Decode at most this much of each video (Kinetics clips are 10 s).
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoItem:
-    path: str | None  # None: listed in the annotations but not found under --src.
-    name: str  # Path relative to --src (or the expected file name when missing).
-    label: int
-
-
-def _index_videos(src: str) -> dict[str, str]:
-    """Maps file stem -> path for every video under src (any depth, first in sorted order wins)."""
-    index: dict[str, str] = {}
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        for file in sorted(files):
-            stem, ext = os.path.splitext(file)
-            if ext.lower() in VIDEO_EXTENSIONS:
-                index.setdefault(stem, os.path.join(root, file))
-    return index
-
-
-def list_kinetics_videos(src: str, annotations: str) -> tuple[list[VideoItem], list[str]]:
-    """Reads a Kinetics annotation CSV; returns (videos sorted by name, class names sorted)."""
-    with open(annotations, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing_columns = [c for c in KINETICS_COLUMNS if not rows or c not in rows[0]]
-    if missing_columns:
-        raise ValueError(
-            f"{annotations} lacks Kinetics columns {missing_columns} (needs {KINETICS_COLUMNS})"
-        )
-    classes = sorted({row["label"] for row in rows})
-    label_of = {name: i for i, name in enumerate(classes)}
-    index = _index_videos(src)
-    items = []
-    for row in rows:
-        start, end = int(float(row["time_start"])), int(float(row["time_end"]))
-        stem = f"{row['youtube_id']}_{start:06d}_{end:06d}"
-        path = index.get(stem)
-        name = os.path.relpath(path, src) if path else stem + ".mp4"
-        items.append(VideoItem(path, name, label_of[row["label"]]))
-    return sorted(items, key=lambda item: item.name), classes
-
-
-def list_class_folder_videos(src: str) -> tuple[list[VideoItem], list[str]]:
-    """Reads the src/<class_name>/*.mp4 layout; returns (videos sorted by name, sorted classes)."""
-    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-    items = []
-    for label, class_name in enumerate(classes):
-        for file in sorted(os.listdir(os.path.join(src, class_name))):
-            if os.path.splitext(file)[1].lower() in VIDEO_EXTENSIONS:
-                items.append(
-                    VideoItem(os.path.join(src, class_name, file), f"{class_name}/{file}", label)
-                )
-    return items, classes
-
-
 def source_hash(
     items: Sequence[VideoItem], settings: PrepareSettings, classes: Sequence[str]
 ) -> str:
     """Hash of the inputs (names, sizes, labels) and settings; a resumed run must match it."""
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(settings), list(classes)]).encode())
     for item in items:
-        size = os.path.getsize(item.path) if item.path else -1
+        size = file_size(item.path)
         digest.update(f"{item.name}\t{size}\t{item.label}\n".encode())
     return digest.hexdigest()
 
@@ -144,6 +97,9 @@ def prepare_video(item: VideoItem, settings: PrepareSettings) -> tuple[list[byte
 
     if item.path is None:
         return skip("missing", "listed in the annotations, not found under --src")
+    broken = broken_link_reason(item.path)
+    if broken:
+        return skip("broken-link", broken)
     try:
         frames, indices, src_fps = video_io.read_video_resampled(
             item.path, fps=settings.fps, size=settings.size, max_seconds=settings.max_seconds
@@ -186,12 +142,20 @@ def _write_json_atomic(path: str, value: Any) -> None:
 def prepare_shard(task: tuple[str, str, list[VideoItem], PrepareSettings]) -> dict[str, Any]:
     """Writes one shard (temp file, then rename) and its report (the 'done' mark); in a worker."""
     out, shard_name, items, settings = task
-    tmp_path = os.path.join(out, ".tmp-" + shard_name)
+    # Per process: a worker orphaned by a killed run never writes into the file of a resumed one.
+    tmp_path = os.path.join(out, f".tmp-{shard_name}.{os.getpid()}")
     writer = array_record_module.ArrayRecordWriter(
         tmp_path, WRITER_OPTIONS["uncompressed" if settings.codec == "jpeg" else "zstd"]
     )
+    # Set in a worker process only: a nohup'ed single-process run must survive its shell.
+    parent = multiprocessing.parent_process()
     num_clips, skipped = 0, []
     for item in items:
+        if parent is not None and not parent.is_alive():  # Killed (SIGKILL): stop writing into --out.
+            writer.close()
+            os.remove(tmp_path)
+            print(f"[prepare] worker {os.getpid()}: parent {parent.pid} died, stopping", file=sys.stderr)
+            os._exit(1)  # Nobody is left to take an exception, and the pool's queue would block.
         records, skip = prepare_video(item, settings)
         for record in records:
             writer.write(record)
@@ -254,21 +218,6 @@ def _load_done_report(out: str, shard_name: str) -> dict[str, Any] | None:
     return None
 
 
-def _list_videos(src: str, annotations: str | None) -> tuple[list[VideoItem], list[str]]:
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"--src={src} is not a directory")
-    if annotations:
-        items, classes = list_kinetics_videos(src, annotations)
-    else:
-        items, classes = list_class_folder_videos(src)
-    if not items:
-        raise ValueError(
-            f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found for --src={src} "
-            f"--annotations={annotations}"
-        )
-    return items, classes
-
-
 def _check_plan(out: str, fingerprint: str, settings: PrepareSettings) -> None:
     """Refuses to resume into `out` when it was started with other inputs or settings."""
     os.makedirs(out, exist_ok=True)
@@ -285,19 +234,47 @@ def _check_plan(out: str, fingerprint: str, settings: PrepareSettings) -> None:
     _write_json_atomic(plan_path, plan)
 
 
-def _run_shards(todo: list, workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Runs prepare_shard over `todo` (in `workers` processes), logging one progress line each."""
+class Stopped(Exception):
+    """SIGTERM / SIGHUP during preparation: workers were stopped; rerunning resumes."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+def _stop_workers(pool: futures.ProcessPoolExecutor, out: str) -> None:
+    """Kills the workers (their current shards are redone on resume) and removes their temp files."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+    for process in processes:
+        for tmp in glob.glob(os.path.join(glob.escape(out), f".tmp-*.{process.pid}")):
+            os.remove(tmp)
+
+
+def _run_shards(todo: list, workers: int, log: Callable[[str], None],
+                work: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Runs `work` (prepare_shard) over `todo` (in `workers` processes), logging one line each.
+
+    On SIGTERM/SIGHUP or any error the worker processes are killed before this returns: left
+    running, they would keep writing into --out after the parent died.
+    """
+    work = work or prepare_shard
+    pool, previous = None, {}
     if workers > 1 and len(todo) > 1:
         # 'spawn': decoders start threads, and forking a threaded parent is unsafe. An executor (not
         # a Pool) fails loudly if a worker dies (e.g. a decoder crash) instead of waiting forever.
         context = multiprocessing.get_context("spawn")
         pool = futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context)
-        submitted = [pool.submit(prepare_shard, task) for task in todo]
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        submitted = [pool.submit(work, task) for task in todo]
         results = (future.result() for future in futures.as_completed(submitted))
     else:
-        pool, results = None, map(prepare_shard, todo)
+        results = map(work, todo)
     total_videos = sum(len(task[2]) for task in todo)
-    reports, videos_done, started = [], 0, time.time()
+    reports, videos_done, started, finished = [], 0, time.time(), False
     try:
         for report in results:
             reports.append(report)
@@ -308,9 +285,15 @@ def _run_shards(todo: list, workers: int, log: Callable[[str], None]) -> list[di
                 f"{report['num_examples']} clips, {report['num_skipped']} skipped | "
                 f"{rate:.1f} videos/s, eta {(total_videos - videos_done) / rate:.0f} s"
             )
+        finished = True
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            if finished:
+                pool.shutdown()
+            else:
+                _stop_workers(pool, todo[0][0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return reports
 
 
@@ -337,7 +320,9 @@ def prepare_dataset(
     """
     if settings.codec not in ("jpeg", "raw"):
         raise ValueError(f"codec must be 'jpeg' or 'raw', got {settings.codec!r}")
-    items, classes = _list_videos(src, annotations)
+    check_numeric_args(dict(dataclasses.asdict(settings), workers=workers, videos_per_shard=videos_per_shard))
+    videos = list_videos(src, annotations)
+    items, classes = videos.items, videos.classes
     fingerprint = source_hash(items, settings, classes)
     _check_plan(out, fingerprint, settings)
 
@@ -352,6 +337,8 @@ def prepare_dataset(
     log(
         f"[prepare] {len(items)} videos, {len(classes)} classes, {num_shards} shards "
         f"({num_shards - len(todo)} already done), {workers} worker(s)"
+        + (f"; ignored {sum(videos.ignored.values())} files that are not videos "
+           f"({', '.join(VIDEO_EXTENSIONS)}): {videos.ignored}" if videos.ignored else "")
     )
     reports.update({report["file"]: report for report in _run_shards(todo, workers, log)})
 
@@ -364,6 +351,7 @@ def prepare_dataset(
         reports=ordered,
         num_videos=len(items),
         num_videos_used=len(items) - num_skipped,
+        ignored_files=videos.ignored,
         source={"src": os.path.abspath(src), "annotations": annotations, "hash": fingerprint},
     )
     log(
@@ -443,15 +431,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fields = [f.name for f in dataclasses.fields(PrepareSettings)]
     settings = PrepareSettings(**{name: getattr(args, name) for name in fields})
-    manifest = prepare_dataset(
-        args.src,
-        args.out,
-        annotations=args.annotations,
-        settings=settings,
-        workers=args.workers,
-        videos_per_shard=args.videos_per_shard,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    try:
+        manifest = prepare_dataset(
+            args.src,
+            args.out,
+            annotations=args.annotations,
+            settings=settings,
+            workers=args.workers,
+            videos_per_shard=args.videos_per_shard,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except Stopped as e:
+        sys.exit(f"[prepare] {e}; workers stopped. Rerun the same command to resume.")
+    except ValueError as e:  # Bad arguments or annotations: the message names the fix.
+        sys.exit(f"[prepare] {e}")
     if args.tfds_name:
         print(f"[prepare] TFDS copy: {export_tfds(args.out, args.tfds_name)}", file=sys.stderr)
     if not manifest["num_examples"]:

@@ -8,7 +8,8 @@ latents) shows channels 0..2 as RGB. Latents are roughly unit-variance, so value
 saturate: such previews are a rough look, decode with the VAE for real samples.
 """
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -205,14 +206,16 @@ def image_strip(video: np.ndarray, num_frames: int) -> np.ndarray:
     return np.concatenate(list(video[picks]), axis=1)
 
 
-def sample_stem(label: int, seed: int, steps: int) -> str:
-    """File name stem shared by a sample's mp4 and gif."""
-    return f"label{int(label):04d}_seed{int(seed)}_steps{int(steps)}"
+def sample_stem(label: int, seed: int, steps: int, index: int | None = None) -> str:
+    """File name stem shared by a sample's mp4 and gif (prefixed by the clip index when given)."""
+    stem = f"label{int(label):04d}_seed{int(seed)}_steps{int(steps)}"
+    return stem if index is None else f"clip{int(index):05d}_{stem}"
 
 
 def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
                  seeds: Sequence[int], steps: int, fps: float, grid_cols: int | None = None,
-                 ) -> list[Path]:
+                 indices: Sequence[int] | None = None,
+                 on_written: Callable[[], None] | None = None) -> list[Path]:
     """Writes one mp4 + gif per sample, plus `grid_steps{n}.mp4/.gif` of all samples.
 
     Args:
@@ -223,6 +226,8 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
       steps: number of sampler steps (NFE schedule length), used in the names.
       fps: playback frame rate.
       grid_cols: grid columns; default ceil(sqrt(N)).
+      indices: clip index per sample (N), put in the names; needed when (label, seed) repeats.
+      on_written: called after each sample's two files are written (progress).
     Returns:
       Paths written: per-sample mp4, gif (in sample order), then the grid mp4 and gif.
     """
@@ -230,16 +235,22 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
     if videos.ndim != 5:
         raise ValueError(f"expected videos [N, T, H, W, C], got shape {videos.shape}")
     n = videos.shape[0]
-    if len(labels) != n or len(seeds) != n:
-        raise ValueError(f"need one label and seed per video: {n} videos, "
-                         f"{len(labels)} labels, {len(seeds)} seeds")
+    indices = [None] * n if indices is None else list(indices)
+    if len(labels) != n or len(seeds) != n or len(indices) != n:
+        raise ValueError(f"need one label and seed (and index, if given) per video: {n} videos, "
+                         f"{len(labels)} labels, {len(seeds)} seeds, {len(indices)} indices")
+    stems = [sample_stem(label, seed, steps, i) for label, seed, i in zip(labels, seeds, indices, strict=True)]
+    repeated = sorted(stem for stem, k in Counter(stems).items() if k > 1)
+    if repeated:  # Would silently overwrite one clip with another.
+        raise ValueError(f"samples {repeated[:3]} repeat (label, seed): pass indices= to name each clip.")
     out_dir = Path(out_dir)
     frames = as_rgb(to_uint8(videos))
     paths = []
-    for video, label, seed in zip(frames, labels, seeds, strict=True):
-        stem = sample_stem(label, seed, steps)
+    for video, stem in zip(frames, stems, strict=True):
         paths.append(write_mp4(out_dir / f"{stem}.mp4", video, fps))
         paths.append(write_gif(out_dir / f"{stem}.gif", video, fps))
+        if on_written is not None:
+            on_written()
     grid = video_grid(frames, grid_cols or int(np.ceil(np.sqrt(n))))
     paths.append(write_mp4(out_dir / f"grid_steps{int(steps)}.mp4", grid, fps))
     paths.append(write_gif(out_dir / f"grid_steps{int(steps)}.gif", grid, fps))

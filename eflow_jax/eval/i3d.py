@@ -16,6 +16,7 @@ Params file: a flat .npz of float32 arrays named like 'Conv3d_1a_7x7/kernel' ([t
 """
 
 import hashlib
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,16 @@ def load_i3d_params(path: str | Path, num_classes: int = I3D_NUM_CLASSES) -> dic
         raise FileNotFoundError(
             f"I3D weights not found at {path}; convert them first, see docs/EVAL.md "
             "(python -m eflow_jax.eval.convert_i3d --src=rgb_imagenet.pt --out=i3d.npz)")
-    with np.load(path) as data:
+    fix = ("make one from the PyTorch checkpoint with python -m eflow_jax.eval.convert_i3d "
+           "--src=rgb_imagenet.pt --out=i3d.npz (docs/EVAL.md) and pass that file")
+    try:
+        data = np.load(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        # np.load takes any non-.npz file for a pickle and advises allow_pickle: never the fix here.
+        raise ValueError(f"{path} is not a converted I3D weights .npz ({type(e).__name__}); {fix}") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):  # A .npy array.
+        raise ValueError(f"{path} holds one array, not converted I3D weights; {fix}")
+    with data:
         flat = {k: data[k] for k in data.files if not k.startswith("__")}
     expected = expected_param_shapes(num_classes)
     missing = sorted(set(expected) - set(flat))

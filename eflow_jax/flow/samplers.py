@@ -9,13 +9,15 @@ Iterative flow-matching baselines, guided by CFG (unconditional half batched wit
 conditional one: 2 NFE per velocity evaluation) or by path drop (weak path at the null label):
 - `euler_sample`: N uniform Euler steps from t=1 to 0 (50 steps = 100 NFE with CFG).
 - `heun_sample`: Heun's method, 2 velocity evaluations per step.
-Deterministic given (noise, rng).
+Deterministic given (noise, rng). Every sampler is one lax.fori_loop over the time grid, so the
+compiled program (and its compile time) does not grow with the number of steps.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eflow_jax.flow import interpolant as path
 from eflow_jax.flow.guidance import GUIDANCE_MODES
@@ -29,9 +31,20 @@ def time_grid(num_steps: int) -> list[float]:
     return [1.0 - i / num_steps for i in range(num_steps + 1)]
 
 
-def _full(x: jax.Array, value: float) -> jax.Array:
+def _full(x: jax.Array, value) -> jax.Array:
     """Per-sample time [B] (float32, or float64 when x is float64)."""
     return jnp.full((x.shape[0],), value, jnp.result_type(x.dtype, jnp.float32))
+
+
+def _grid_array(num_steps: int, x: jax.Array) -> jax.Array:
+    """time_grid as a constant array, rounded exactly as the per-step Python floats would be."""
+    return jnp.asarray(np.asarray(time_grid(num_steps)), jnp.result_type(x.dtype, jnp.float32))
+
+
+def _as_typed_keys(rng: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng)  # A raw uint32 key [2] (or [B, 2]).
 
 
 def renoise_sample(
@@ -42,29 +55,40 @@ def renoise_sample(
 
     Args:
       noise: the starting x at t = 1 [B, ...]. y: labels [B]. num_steps: N (static).
-      rng: fresh-noise key for the N - 1 renoising steps.
+      rng: fresh-noise key for the N - 1 renoising steps: one key for the batch, or one key per
+        sample [B] (then each sample's fresh noise depends on its own key only, so how samples are
+        batched never changes a sample).
     Returns:
       samples at t = 0, like noise.
     """
-    grid = time_grid(num_steps)
-    keys = jax.random.split(rng, max(num_steps - 1, 1))
-    x = noise
-    for i in range(num_steps - 1):
-        x0_hat = net.solution(params, x, _full(x, grid[i]), _full(x, 0.0), y)
-        fresh = jax.random.normal(keys[i], x.shape, x.dtype)
-        x = path.renoise(x0_hat, fresh, _full(x, grid[i + 1]), interpolant)
-    return net.solution(params, x, _full(x, grid[num_steps - 1]), _full(x, 0.0), y)
+    grid = _grid_array(num_steps, noise)
+    rng = _as_typed_keys(rng)
+    if rng.ndim == 0:
+        keys = jax.random.split(rng, max(num_steps - 1, 1))
+        fresh_noise = lambda i, x: jax.random.normal(keys[i], x.shape, x.dtype)  # noqa: E731
+    else:
+        fresh_noise = lambda i, x: jax.vmap(  # noqa: E731
+            lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(rng)
+    zero = lambda x: _full(x, 0.0)  # noqa: E731
+
+    def step(i, x):
+        x0_hat = net.solution(params, x, _full(x, grid[i]), zero(x), y)
+        return path.renoise(x0_hat, fresh_noise(i, x), _full(x, grid[i + 1]), interpolant)
+
+    x = jax.lax.fori_loop(0, num_steps - 1, step, noise)
+    return net.solution(params, x, _full(x, grid[num_steps - 1]), zero(x), y)
 
 
 def chain_sample(
     net: Network, params: Params, noise: jax.Array, y: jax.Array, num_steps: int
 ) -> jax.Array:
     """Deterministic chain of solution maps x <- f(x, tau_i, tau_{i+1})."""
-    grid = time_grid(num_steps)
-    x = noise
-    for i in range(num_steps):
-        x = net.solution(params, x, _full(x, grid[i]), _full(x, grid[i + 1]), y)
-    return x
+    grid = _grid_array(num_steps, noise)
+
+    def step(i, x):
+        return net.solution(params, x, _full(x, grid[i]), _full(x, grid[i + 1]), y)
+
+    return jax.lax.fori_loop(0, num_steps, step, noise)
 
 
 def guided_velocity_fn(net: Network, params: Params, y: jax.Array, scale: float, guidance: str):
@@ -96,11 +120,11 @@ def euler_sample(
 ) -> jax.Array:
     """Euler ODE solve from t = 1 to 0 with num_steps uniform steps (a lax.fori_loop)."""
     velocity = guided_velocity_fn(net, params, y, guidance_scale, guidance)
-    dt = 1.0 / num_steps
+    grid = _grid_array(num_steps, noise)
 
     def step(i, x):
-        t = _full(x, 1.0) - i * dt
-        return path.euler_step(x, velocity(x, t), t, t - dt)
+        t, s = _full(x, grid[i]), _full(x, grid[i + 1])
+        return path.euler_step(x, velocity(x, t), t, s)
 
     return jax.lax.fori_loop(0, num_steps, step, noise)
 
@@ -111,13 +135,13 @@ def heun_sample(
 ) -> jax.Array:
     """Heun (trapezoidal predictor-corrector) ODE solve from t = 1 to 0."""
     velocity = guided_velocity_fn(net, params, y, guidance_scale, guidance)
-    dt = 1.0 / num_steps
+    grid = _grid_array(num_steps, noise)
 
     def step(i, x):
-        t = _full(x, 1.0) - i * dt
+        t, s = _full(x, grid[i]), _full(x, grid[i + 1])
         v1 = velocity(x, t)
-        x_pred = path.euler_step(x, v1, t, t - dt)
-        v2 = velocity(x_pred, t - dt)
-        return path.euler_step(x, 0.5 * (v1 + v2), t, t - dt)
+        x_pred = path.euler_step(x, v1, t, s)
+        v2 = velocity(x_pred, s)
+        return path.euler_step(x, 0.5 * (v1 + v2), t, s)
 
     return jax.lax.fori_loop(0, num_steps, step, noise)
