@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import traverse_util
 
 from eflow_jax.data import pipeline
@@ -43,7 +44,7 @@ from eflow_jax.eval import fvd
 
 VERSION = "v1"  # Bump when the classifier, its training or the references change: old caches go stale.
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "eflow_jax", "shapes_gauge")
-TRAIN_CLIPS, TRAIN_STEPS, TRAIN_BATCH = 1536, 300, 32
+TRAIN_CLIPS, TRAIN_STEPS, TRAIN_BATCH = 1024, 250, 32
 _SPEED_RANGE = (0.04, 0.08)  # Pixels per frame / short side, as MovingShapesSource draws it.
 _FEATURE_BATCH = 128
 _PATCH = 4  # Pixels per token side, after pooling.
@@ -84,42 +85,46 @@ class Classifier(nn.Module):
     """Patch tokens per frame, a motion layer pairing each token with its 3x3 neighbourhood in the
     next frame, mean+max pooling, a feature layer, class logits.
 
-    Only matmuls (XLA:CPU runs small-channel 3D convs ~10x slower): clips are average-pooled to
-    16^2 and cut into 4x4 patches, which keeps training to seconds on a CPU at any clip size.
+    Only matmuls (XLA:CPU ran small-channel 3D convs ~20x slower here): clips are average-pooled
+    to ~16^2 (`pooled`) and cut into 4x4 patches, which keeps training to seconds on a CPU.
     """
 
     num_classes: int
-    pool: int = 1  # Spatial average-pool factor: resolution // pool == 16 (or less).
     width: int = 32
     feature_dim: int = 64
 
     @nn.compact
-    def __call__(self, x):  # [B, T, H, W, C] in [-1, 1] -> (features [B, D], logits [B, K])
+    def __call__(self, x):  # [B, T, h, w, C] from `pooled` -> (features [B, D], logits [B, K])
         b, t, h, w, c = x.shape
-        p = self.pool
-        x = x[:, :, : h - h % p, : w - w % p].reshape(b, t, h // p, p, w // p, p, c).mean((3, 5))
-        gh, gw = x.shape[2] // _PATCH, x.shape[3] // _PATCH
+        gh, gw = h // _PATCH, w // _PATCH
         x = x[:, :, : gh * _PATCH, : gw * _PATCH].reshape(b, t, gh, _PATCH, gw, _PATCH, c)
         x = x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, gh, gw, _PATCH * _PATCH * c)
         tokens = nn.relu(nn.Dense(self.width)(x))  # [B, T, gh, gw, width]
-        pooled = [tokens.mean((1, 2, 3)), tokens.max((1, 2, 3))]
+        summary = [tokens.mean((1, 2, 3)), tokens.max((1, 2, 3))]
         if t > 1:  # Rolls wrap around like the data's shapes do.
             after = tokens[:, 1:]
             hood = [jnp.roll(after, (dy, dx), axis=(2, 3)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
             motion = nn.relu(nn.Dense(self.width)(jnp.concatenate([tokens[:, :-1], *hood], -1)))
-            pooled += [motion.mean((1, 2, 3)), motion.max((1, 2, 3))]
-        features = nn.relu(nn.Dense(self.feature_dim)(jnp.concatenate(pooled, -1)))
+            summary += [motion.mean((1, 2, 3)), motion.max((1, 2, 3))]
+        features = nn.relu(nn.Dense(self.feature_dim)(jnp.concatenate(summary, -1)))
         return features, nn.Dense(self.num_classes)(features)
 
 
 @functools.lru_cache(maxsize=8)
-def _apply_fn(num_classes: int, pool: int):
-    model = Classifier(num_classes, pool)
+def _apply_fn(num_classes: int):
+    model = Classifier(num_classes)
     return model, jax.jit(model.apply)
 
 
-def _pool_for(resolution: int) -> int:
-    return max(1, resolution // 16)
+def pooled(videos: np.ndarray) -> np.ndarray:
+    """Clips [N, T, H, W, C] -> the classifier's input: clipped to [-1, 1], average-pooled to ~16^2.
+
+    Done on the host, once per clip, so training never holds (or moves) full-size clips.
+    """
+    videos = np.clip(np.asarray(videos, np.float32), -1, 1)
+    n, t, h, w, c = videos.shape
+    p = max(1, min(h, w) // 16)
+    return videos[:, :, : h - h % p, : w - w % p].reshape(n, t, h // p, p, w // p, p, c).mean((3, 5))
 
 
 # ---- ground truth ----
@@ -226,10 +231,11 @@ class ShapesGauge:
                 params = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files
                                                        if k != "meta"})
             return cls(geometry, params, seed, path, meta)
+        logging.info("shapes gauge: training the classifier for %s (once; cached in %s)", geometry, path)
         start = time.perf_counter()
         params = train_classifier(geometry, seed)
         gauge = cls(geometry, params, seed, path, {"version": VERSION, "references": {}})
-        videos, labels = real_clips(geometry, _seeds(seed)["test"], 512)
+        videos, labels = real_clips(geometry, _seeds(seed)["test"], 256)
         gauge.meta["heldout_accuracy"] = float((gauge.logits(videos).argmax(-1) == labels).mean())
         gauge.meta["build_seconds"] = round(time.perf_counter() - start, 2)
         gauge._save()
@@ -237,14 +243,13 @@ class ShapesGauge:
 
     def features_and_logits(self, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Classifier features [N, D] and logits [N, K] of clips [N, T, R, R, C] in [-1, 1]."""
-        videos = np.clip(np.asarray(videos, np.float32), -1, 1)
-        if videos.shape[1:] != self.geometry.clip_shape:
-            raise ValueError(f"clips are {videos.shape[1:]}, the gauge was built for {self.geometry.clip_shape}; "
-                             f"build it with ShapesGauge.for_data(the run's data config)")
-        _, apply = _apply_fn(self.geometry.num_classes, _pool_for(self.geometry.resolution))
+        if np.shape(videos)[1:] != self.geometry.clip_shape:
+            raise ValueError(f"clips are {np.shape(videos)[1:]}, the gauge was built for "
+                             f"{self.geometry.clip_shape}; build it with ShapesGauge.for_data(the run's data config)")
+        _, apply = _apply_fn(self.geometry.num_classes)
         feats, logits = [], []
         for i in range(0, len(videos), _FEATURE_BATCH):
-            chunk = videos[i:i + _FEATURE_BATCH]
+            chunk = pooled(videos[i:i + _FEATURE_BATCH])
             pad = _FEATURE_BATCH - len(chunk)  # One compiled shape.
             f, y = apply({"params": self.params}, np.pad(chunk, ((0, pad),) + ((0, 0),) * 4))
             feats.append(np.asarray(f)[:len(chunk)])
@@ -259,7 +264,7 @@ class ShapesGauge:
         labels = np.asarray(labels)
         counts = np.bincount(labels, minlength=self.geometry.num_classes)
         pools = [[] for _ in counts]
-        start, chunk = 0, max(64, 2 * len(labels))
+        start, chunk = 0, len(labels) + 8 * len(counts)  # Usually enough in one pass.
         while any(len(p) < n for p, n in zip(pools, counts)):
             videos, ys = real_clips(self.geometry, seed, chunk, start=start)
             for video, y in zip(videos, ys):
@@ -326,8 +331,10 @@ def train_classifier(geometry: Geometry, seed: int) -> dict:
     """Adam on TRAIN_CLIPS real clips (held-out seed) for TRAIN_STEPS steps; returns the params."""
     global builds
     builds += 1
-    videos, labels = real_clips(geometry, _seeds(seed)["train"], TRAIN_CLIPS)
-    model, _ = _apply_fn(geometry.num_classes, _pool_for(geometry.resolution))
+    chunks = [real_clips(geometry, _seeds(seed)["train"], min(256, TRAIN_CLIPS - i), start=i) for i in range(0, TRAIN_CLIPS, 256)]
+    videos = np.concatenate([pooled(v) for v, _ in chunks])
+    labels = np.concatenate([y for _, y in chunks])
+    model, _ = _apply_fn(geometry.num_classes)
     params = model.init(jax.random.key(seed), videos[:1])["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, TRAIN_STEPS))
 
