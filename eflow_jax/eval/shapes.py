@@ -9,7 +9,8 @@ generated clips can be scored against what their label asks for:
                       (phase correlation, sub-pixel) points within 45 degrees of the class's direction
                       (or its mirror image, when the data are randomly flipped) at a speed the data
                       can have (0.5x the slowest to 1.5x the fastest). Real clips score ~1; noise, a
-                      static clip or a clip played backwards score ~0.
+                      static clip or a clip played backwards score ~0 (with random flips, a
+                      horizontal motion played backwards is its mirror image, so it still passes).
   frechet             Frechet distance (float64, eval/fvd.py) between classifier features of the
                       clips and of real clips with the same labels.
 
@@ -44,7 +45,7 @@ from eflow_jax.eval import fvd
 
 VERSION = "v1"  # Bump when the classifier, its training or the references change: old caches go stale.
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "eflow_jax", "shapes_gauge")
-TRAIN_CLIPS, TRAIN_STEPS, TRAIN_BATCH = 1024, 250, 32
+TRAIN_CLIPS, TRAIN_STEPS, TRAIN_BATCH = 1024, 150, 32
 _SPEED_RANGE = (0.04, 0.08)  # Pixels per frame / short side, as MovingShapesSource draws it.
 _FEATURE_BATCH = 128
 _PATCH = 4  # Pixels per token side, after pooling.
@@ -213,6 +214,7 @@ class ShapesGauge:
     seed: int
     cache_path: str
     meta: dict  # version, build_seconds, heldout_accuracy, references {num_clips: {...}}
+    _real_stats: dict = dataclasses.field(default_factory=dict, repr=False)  # labels bytes -> (mu, sigma)
 
     @classmethod
     def for_data(cls, data_cfg, cache_dir: str | None = None, seed: int = 1) -> ShapesGauge:
@@ -263,19 +265,13 @@ class ShapesGauge:
         """Real clips with exactly these labels (in order), from the synthetic source at `seed`."""
         labels = np.asarray(labels)
         counts = np.bincount(labels, minlength=self.geometry.num_classes)
-        pools = [[] for _ in counts]
-        start, chunk = 0, len(labels) + 8 * len(counts)  # Usually enough in one pass.
+        pools, start, chunk = [[] for _ in counts], 0, len(labels) + 8 * len(counts)  # Usually one pass.
         while any(len(p) < n for p, n in zip(pools, counts)):
-            videos, ys = real_clips(self.geometry, seed, chunk, start=start)
-            for video, y in zip(videos, ys):
+            for video, y in zip(*real_clips(self.geometry, seed, chunk, start=start)):
                 pools[y].append(video)
             start += chunk
-        taken = [0] * len(counts)
-        out = []
-        for y in labels:
-            out.append(pools[y][taken[y]])
-            taken[y] += 1
-        return np.stack(out)
+        by_class = [iter(p) for p in pools]
+        return np.stack([next(by_class[y]) for y in labels])
 
     def references(self, num_clips: int) -> dict:
         """Real-vs-real and noise scores for `num_clips` clips with cycling labels; cached on disk."""
@@ -285,7 +281,8 @@ class ShapesGauge:
             labels = np.arange(num_clips) % self.geometry.num_classes
             real_a = self.real_matching(labels, seeds["real_a"])
             noise = noise_clips(self.geometry, seeds["noise"], num_clips)
-            real_stats = fvd.feature_stats(self.features_and_logits(self.real_matching(labels, seeds["real_b"]))[0])
+            real_b = self.real_matching(labels, seeds["real_b"])
+            real_stats = fvd.feature_stats(self.features_and_logits(real_b)[0])
             refs = {}
             for name, videos in (("real", real_a), ("noise", noise)):
                 raw = self._raw_scores(videos, labels, real_stats)
@@ -300,9 +297,11 @@ class ShapesGauge:
         labels = np.asarray(labels, np.int32)
         if len(labels) != len(videos) or len(labels) < 2:
             raise ValueError(f"need >= 2 clips and one label per clip, got {len(videos)} clips, {len(labels)} labels")
-        real = self.real_matching(labels, _seeds(self.seed)["real_b"])
-        real_stats = fvd.feature_stats(self.features_and_logits(real)[0])
-        scores = self._raw_scores(videos, labels, real_stats)
+        key = labels.tobytes()
+        if key not in self._real_stats:  # The train loop scores the same labels every time.
+            real = self.real_matching(labels, _seeds(self.seed)["real_b"])
+            self._real_stats[key] = fvd.feature_stats(self.features_and_logits(real)[0])
+        scores = self._raw_scores(videos, labels, self._real_stats[key])
         scores.update(self.references(len(labels)))
         scores["num_clips"] = len(labels)
         return scores
@@ -331,12 +330,17 @@ def train_classifier(geometry: Geometry, seed: int) -> dict:
     """Adam on TRAIN_CLIPS real clips (held-out seed) for TRAIN_STEPS steps; returns the params."""
     global builds
     builds += 1
-    chunks = [real_clips(geometry, _seeds(seed)["train"], min(256, TRAIN_CLIPS - i), start=i) for i in range(0, TRAIN_CLIPS, 256)]
+    chunks = [real_clips(geometry, _seeds(seed)["train"], min(256, TRAIN_CLIPS - i), start=i)
+              for i in range(0, TRAIN_CLIPS, 256)]  # Pooled chunk by chunk: 16x64x64 clips are big.
     videos = np.concatenate([pooled(v) for v, _ in chunks])
     labels = np.concatenate([y for _, y in chunks])
     model, _ = _apply_fn(geometry.num_classes)
-    params = model.init(jax.random.key(seed), videos[:1])["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, TRAIN_STEPS))
+
+    @jax.jit  # One compile: eager flax/optax init would compile each of its ops separately (~15 s).
+    def init(key, x):
+        params = model.init(key, x)["params"]
+        return params, tx.init(params)
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -347,8 +351,9 @@ def train_classifier(geometry: Geometry, seed: int) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    opt_state = tx.init(params)
-    order = np.random.default_rng(seed).permutation(TRAIN_STEPS * TRAIN_BATCH) % TRAIN_CLIPS
+    params, opt_state = init(jax.random.key(seed), videos[:1])
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(TRAIN_CLIPS) for _ in range(-(-TRAIN_STEPS * TRAIN_BATCH // TRAIN_CLIPS))])
     for i in range(TRAIN_STEPS):
         idx = order[i * TRAIN_BATCH:(i + 1) * TRAIN_BATCH]
         params, opt_state = step(params, opt_state, videos[idx], labels[idx])
