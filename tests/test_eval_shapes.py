@@ -74,6 +74,8 @@ def test_permuted_labels_drop_accuracy_and_motion(built, held_out):
     wrong = gauge.score(videos, (labels + 1) % gauge.geometry.num_classes)
     assert wrong["class_accuracy"] <= 0.1 < right["class_accuracy"]
     assert wrong["motion_consistency"] <= 0.3 < right["motion_consistency"]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        gauge.score(videos, labels + 4)
 
 
 def test_frame_shifts_recover_a_circular_shift():

@@ -84,7 +84,7 @@ class Geometry:
 
 class Classifier(nn.Module):
     """Patch tokens per frame, a motion layer pairing each token with its 3x3 neighbourhood in the
-    next frame, mean+max pooling, a feature layer, class logits.
+    next frame (for up to ~4 frame pairs), mean+max pooling, a feature layer, class logits.
 
     Only matmuls (XLA:CPU ran small-channel 3D convs ~20x slower here): clips are average-pooled
     to ~16^2 (`pooled`) and cut into 4x4 patches, which keeps training to seconds on a CPU.
@@ -102,10 +102,11 @@ class Classifier(nn.Module):
         x = x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, gh, gw, _PATCH * _PATCH * c)
         tokens = nn.relu(nn.Dense(self.width)(x))  # [B, T, gh, gw, width]
         summary = [tokens.mean((1, 2, 3)), tokens.max((1, 2, 3))]
-        if t > 1:  # Rolls wrap around like the data's shapes do.
-            after = tokens[:, 1:]
+        if t > 1:  # At most ~4 frame pairs: long clips would cost 4x more for little gain.
+            every = max(1, (t - 1) // 4)
+            after = tokens[:, 1::every]  # Rolls wrap around like the data's shapes do.
             hood = [jnp.roll(after, (dy, dx), axis=(2, 3)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-            motion = nn.relu(nn.Dense(self.width)(jnp.concatenate([tokens[:, :-1], *hood], -1)))
+            motion = nn.relu(nn.Dense(self.width)(jnp.concatenate([tokens[:, :-1:every], *hood], -1)))
             summary += [motion.mean((1, 2, 3)), motion.max((1, 2, 3))]
         features = nn.relu(nn.Dense(self.feature_dim)(jnp.concatenate(summary, -1)))
         return features, nn.Dense(self.num_classes)(features)
@@ -264,6 +265,8 @@ class ShapesGauge:
     def real_matching(self, labels, seed: int) -> np.ndarray:
         """Real clips with exactly these labels (in order), from the synthetic source at `seed`."""
         labels = np.asarray(labels)
+        if labels.size and not 0 <= labels.min() <= labels.max() < self.geometry.num_classes:
+            raise ValueError(f"labels must be in [0, {self.geometry.num_classes}), got {labels.min()}..{labels.max()}")
         counts = np.bincount(labels, minlength=self.geometry.num_classes)
         pools, start, chunk = [[] for _ in counts], 0, len(labels) + 8 * len(counts)  # Usually one pass.
         while any(len(p) < n for p, n in zip(pools, counts)):
