@@ -170,6 +170,9 @@ def test_eval_mode_end_to_end(built, tmp_path):
         assert np.isfinite(scores[name]) and f"{name}_real" in scores and f"{name}_noise" in scores
         assert name in done.stdout
     assert "1-step" in done.stdout and "noise" in done.stdout
+    flat = shapes.scalars({1: scores})  # What the train loop logs.
+    assert flat["shapes/frechet/1_step"] == scores["frechet"]
+    assert flat["shapes/frechet/noise"] == scores["frechet_noise"]
     assert "training the classifier" not in done.stderr  # Loaded the cached gauge.
 
     config.data.source = "tfds"
