@@ -37,6 +37,7 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
     c.log = ml_collections.ConfigDict(dict(
         every_steps=100,
         sample_every=10_000,  # 0 = only at the end.
+        eval_every=0,  # > 0: score EMA samples with eval.metric's in-loop gauge every this many steps; 0 = off.
         sample_steps=(1, 2),  # Few-step samplers written as mp4/gif + TensorBoard strips.
         num_samples=8,
         fps=8,
@@ -55,13 +56,23 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
 
 
 def eval_config() -> ml_collections.ConfigDict:
-    """FVD settings (also the --eval.* flags of `--mode=eval`)."""
-    return ml_collections.ConfigDict(dict(fvd=ml_collections.ConfigDict(dict(
-        i3d_path="",  # Converted I3D weights (python -m eflow_jax.eval.convert_i3d).
-        num_gen_clips=2048, num_real_clips=2048, batch_size=32, num_steps=2, seed=0,
-        num_frames=16, resolution=224,  # I3D input: first 16 frames, resized to 224^2 (docs/EVAL.md).
-        stats_dir="",  # Where real statistics are cached; default: beside the data.
-    ))))
+    """Evaluation settings (also the --eval.* flags of `--mode=eval`): FVD, or the shapes gauge."""
+    return ml_collections.ConfigDict(dict(
+        metric="fvd",  # 'fvd' (I3D, any RGB data) | 'shapes' (synthetic data only: eflow_jax/eval/shapes.py).
+        fvd=ml_collections.ConfigDict(dict(
+            i3d_path="",  # Converted I3D weights (python -m eflow_jax.eval.convert_i3d).
+            num_gen_clips=2048, num_real_clips=2048, batch_size=32, num_steps=2, seed=0,
+            num_frames=16, resolution=224,  # I3D input: first 16 frames, resized to 224^2 (docs/EVAL.md).
+            stats_dir="",  # Where real statistics are cached; default: beside the data.
+        )),
+        shapes=ml_collections.ConfigDict(dict(
+            num_clips=256,  # Generated clips per num_steps (labels cycle over the classes).
+            num_steps=(1, 2),  # Sampler steps to score.
+            seed=1,  # Sampling noise and the gauge's held-out clips; not 0 (the training data's seed).
+            batch_size=32,
+            cache_dir="",  # Trained gauge classifiers + references; default ~/.cache/eflow_jax/shapes_gauge.
+        )),
+    ))
 
 
 def sample_config() -> ml_collections.ConfigDict:

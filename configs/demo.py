@@ -25,10 +25,12 @@ def get_config(arg=None):
     c.checkpoint.update(save_every=100, keep_every=0)
     c.log.update(every_steps=50, sample_every=0, num_samples=4)
     c.eval.fvd.update(num_gen_clips=64, num_real_clips=64, batch_size=16)
+    c.eval.metric = "shapes"  # The synthetic data know their ground truth: no I3D weights needed.
     if a.test:  # 4x16x16 clips, 64 tokens: the shape tests/ train on (fast to compile on CPU).
         c.model.update(video_shape=(4, 16, 16, 3), patch=(1, 4, 4), tile=(2, 4, 4), cell=(1, 4, 4))
         c.data.update(num_frames=4, resolution=16, num_examples=64)
         c.checkpoint.update(save_every=2)
         c.log.update(every_steps=1, sample_steps=(), num_samples=2)
         c.train.check_memory = False
+        c.eval.shapes.update(num_clips=32, num_steps=(1,), batch_size=16)
     return c

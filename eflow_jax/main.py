@@ -5,6 +5,7 @@ r"""eflow_jax command line: train, sample, export, eval.
         --sample.labels=0,5,17 --sample.num=16 --out=samples/
     python -m eflow_jax.main --mode=export --workdir=/ckpt/run1 --out=/ckpt/run1_ema
     python -m eflow_jax.main --mode=eval --workdir=/ckpt/run1 --eval.fvd.i3d_path=/models/i3d.npz
+    python -m eflow_jax.main --mode=eval --workdir=/tmp/eflow_demo --eval.metric=shapes
 
 `sample`, `export` and `eval` read the run's config snapshot (workdir/config.json) unless
 --config is given, and load only the params they need onto the current devices.
@@ -36,7 +37,7 @@ from eflow_jax import distributed  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
 config_flags.DEFINE_config_dict("sample", common.sample_config(), "Sampling settings (--mode=sample).")
-config_flags.DEFINE_config_dict("eval", common.eval_config(), "FVD settings (--mode=eval); given --eval.* "
+config_flags.DEFINE_config_dict("eval", common.eval_config(), "Eval settings (--mode=eval); given --eval.* "
                                 "flags override the run config's eval section.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval"], "What to do.")
@@ -83,13 +84,9 @@ def main(argv) -> None:
     else:
         from eflow_jax import evaluate
 
-        defaults = common.eval_config().fvd
-        for key, value in FLAGS.eval.fvd.items():  # --eval.fvd.* flags given override the run's config.
-            if value != defaults[key]:
-                config.eval.fvd[key] = value
-
-        evaluate.run_fvd(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh,
-                         step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
+        evaluate.apply_eval_flags(config, FLAGS.eval)  # --eval.* flags given override the run's config.
+        evaluate.run(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh,
+                     step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
 
 
 if __name__ == "__main__":
