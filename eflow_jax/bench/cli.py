@@ -90,6 +90,7 @@ def run_cli(c, workdir: str) -> dict:
     return dict(examples_per_s=statistics.median(r["examples_per_s"] for r in steady),
                 data_wait_frac=mean("data_wait_frac"), host_frac=mean("host_frac"),
                 device_wait_frac=mean("device_wait_frac"), compile_s=rows[0]["compile_s"],
+                lower_s=rows[0]["lower_s"],
                 compile_cache_hit=bool(rows[0]["compile_cache_hit"]), windows=len(steady),
                 first_window_examples_per_s=rows[0]["examples_per_s"])
 
@@ -101,7 +102,8 @@ def main(argv=None) -> None:
     c = build_config(a, cache_dir)
     if a.warm_start_only:
         prog = train.setup(c)
-        emit(dict(phase="warm_start", compile_s=prog.compile_s, compile_cache_hit=prog.compile_cache_hit))
+        emit(dict(phase="warm_start", compile_s=prog.compile_s, lower_s=prog.lower_s,
+                  compile_cache_hit=prog.compile_cache_hit))
         return
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     common = dict(device=device, devices=jax.device_count(), variant=c.model.variant, batch=c.batch_size,
@@ -125,7 +127,8 @@ def main(argv=None) -> None:
               cli_over_bench=cli["examples_per_s"] / bench["examples_per_s"],
               data_wait_frac=cli["data_wait_frac"], host_frac=cli["host_frac"],
               device_wait_frac=cli["device_wait_frac"], compile_cold_s=cli["compile_s"],
-              compile_warm_s=warm.get("compile_s"), warm_cache_hit=warm.get("compile_cache_hit")))
+              lower_s=cli["lower_s"], compile_warm_s=warm.get("compile_s"),
+              warm_cache_hit=warm.get("compile_cache_hit")))
 
 
 if __name__ == "__main__":
