@@ -79,6 +79,7 @@ class DevicePrefetcher:
         return json.dumps(self._state, indent=4).encode()
 
     def close(self) -> None:
+        """Stops the thread, then closes the host iterator (its state stays readable)."""
         self._stop.set()
         if self._thread is not None:
             while True:  # Unblock a producer waiting on a full queue.
@@ -87,6 +88,9 @@ class DevicePrefetcher:
                 except queue.Empty:
                     break
             self._thread.join(timeout=10)
+        close = getattr(self._host_iter, "close", None)
+        if close is not None:  # Ends grain's worker processes with the loop, not at interpreter exit.
+            close()
 
 
 class _Raised:
