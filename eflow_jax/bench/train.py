@@ -5,7 +5,9 @@ r"""Training-throughput benchmark: one JSON line per (setting), measured in one 
     python -m eflow_jax.bench.train --suite=model         # EFlow-B forward+backward, drop 0 vs 0.75
     python -m eflow_jax.bench.train --suite=tiny          # CPU smoke run
 
-Each row: compiled once, warm-up excluded, median of `--iters` timed steps (block_until_ready).
+Each row: the step `train.setup` compiles (the program the training CLI runs: same shardings,
+donation, uint8 batch), warm-up excluded, median of `--iters` timed steps (block_until_ready).
+bench/cli.py times this beside the real training loop.
 The cost-model forward-equivalents (flow/cost.py) print beside the measured examples/s, and
 `cudnn_attention_calls` counts cuDNN fused-attention custom calls in the compiled HLO.
 """
@@ -21,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import common
-from eflow_jax import optim, sharding, train, writers
-from eflow_jax import state as state_lib
+from eflow_jax import train, writers
 from eflow_jax.flow import cost
 from eflow_jax.models import dit
 
@@ -57,46 +58,46 @@ def build(suite: dict, setting: str, dtype: str, remat: str):
                    cell=suite["cell"], num_classes=1000, dtype=dtype, remat=remat, **overrides)
     if setting == "eflow_no_mva":
         c.objective.mva.enabled = False
+    t, h, _, ch = suite["video_shape"]  # train.setup validates that the data can feed the model.
+    c.data.update(source="synthetic", num_frames=t, resolution=h, channels=ch, num_classes=1000)
     return c
 
 
-def time_train_step(c, iters: int) -> dict:
-    mesh = sharding.make_mesh(c.mesh)
-    model, net = dit.make_network(c.model)
-    tx = optim.make_optimizer(c.optim, c.total_steps)
-    from eflow_jax.flow import objectives
+def random_batch(prog: train.Program, num_classes: int, seed: int = 0) -> dict:
+    """A global batch of the dtypes, shapes and shardings the compiled step takes."""
+    spec = prog.batch_spec
+    keys = jax.random.split(jax.random.key(seed), 2)
+    video, label = spec["video"], spec["label"]
+    if video.dtype == jnp.uint8:
+        pixels = jax.random.randint(keys[0], video.shape, 0, 256).astype(jnp.uint8)
+    else:
+        pixels = jax.random.normal(keys[0], video.shape, video.dtype)
+    return {"video": jax.device_put(pixels, video.sharding),
+            "label": jax.device_put(jax.random.randint(keys[1], label.shape, 0, num_classes), label.sharding)}
 
-    loss_fn = objectives.make_loss(c.objective, net, c.total_steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, mesh, 0)
-    state = state_lib.create_state(model, tx, mesh, 0, shardings)
-    bs = {"video": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
-    step = jax.jit(train.make_train_step(c, net, tx, loss_fn), in_shardings=(shardings, bs),
-                   donate_argnums=(0,))
-    t, h, w, ch = c.model.video_shape
-    keys = jax.random.split(jax.random.key(0), 2)
-    batch = {"video": jax.device_put(jax.random.normal(keys[0], (c.batch_size, t, h, w, ch)), bs["video"]),
-             "label": jax.device_put(jax.random.randint(keys[1], (c.batch_size,), 0, 1000), bs["label"])}
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    hlo = compiled.as_text()
-    state, m = compiled(state, batch)
+
+def time_train_step(c, iters: int) -> dict:
+    """Times the step `train.setup` compiles: the program the training CLI runs for config `c`."""
+    prog = train.setup(c)
+    state = prog.init_state(c.seed)
+    batch = random_batch(prog, c.model.num_classes)
+    state, m = prog.step(state, batch)  # Warm-up (first-run allocations), excluded.
     jax.block_until_ready(m)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        state, m = compiled(state, batch)
+        state, m = prog.step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
     med = statistics.median(times)
     flops = dit.count_flops(c.model).as_dict()
     fe = cost.forward_equivalents(c.objective, flops, c.batch_size, c.model.decoupled)
-    tflops = fe["flops_per_example"] * c.batch_size / med / jax.device_count() / 1e12
+    tflops = prog.flops_per_step / med / jax.device_count() / 1e12
     peak = writers.peak_flops_per_device()
-    return dict(step_ms=1e3 * med, examples_per_s=c.batch_size / med, compile_s=compile_s,
-                forward_equivalents=fe["per_example"], model_tflops_per_device=tflops,
-                mfu=tflops * 1e12 / peak if peak else None,
-                cudnn_attention_calls=hlo.count("__cudnn$fmha"), loss=float(m["loss"]))
+    return dict(step_ms=1e3 * med, examples_per_s=c.batch_size / med, compile_s=prog.compile_s,
+                lower_s=prog.lower_s, compile_cache_hit=prog.compile_cache_hit, forward_equivalents=fe["per_example"],
+                model_tflops_per_device=tflops, mfu=tflops * 1e12 / peak if peak else None,
+                cudnn_attention_calls=prog.step.as_text().count("__cudnn$fmha"), loss=float(m["loss"]))
 
 
 def time_model(c, drop: bool, iters: int) -> dict:

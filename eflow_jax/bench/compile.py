@@ -1,0 +1,102 @@
+r"""Compile cost of the train step per model option: one JSON line per setting, cache off.
+
+    python -m eflow_jax.bench.compile                                   # EFlow-B, kinetics CLI shape
+    python -m eflow_jax.bench.compile --variant=S --shape=8,32,32 --batch=4   # CPU-sized
+
+Settings: scan_layers off/on (x remat none/block with --remat). Each row: trace+lower seconds,
+compile seconds, StableHLO and optimised-HLO line counts, step time (median of --iters), and the
+loss of one step from the *same* weights (unrolled params stacked into the scanned layout), so
+scan_layers can be checked to change the compile, not the maths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from configs import kinetics
+from eflow_jax import train
+from eflow_jax.bench import train as bench_train
+
+
+def stack_layers(tree):
+    """Unrolled Stack params {block_0, block_1, ...} -> scanned {blocks: leading layer axis}."""
+    def is_stack(x):
+        return isinstance(x, dict) and "block_0" in x
+
+    def stack(d):
+        return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *[d[f"block_{i}"] for i in range(len(d))])}
+
+    return jax.tree.map(lambda x: stack(x) if is_stack(x) else x, tree, is_leaf=is_stack)
+
+
+def build(a, scan: bool, remat: str):
+    c = kinetics.get_config(f"variant={a.variant},objective={a.objective}")
+    t, h, w = a.shape
+    c.model.update(video_shape=(t, h, w, 3), scan_layers=scan, remat=remat)
+    if a.patch:
+        c.model.patch = tuple(a.patch)
+    c.data.update(source="synthetic", path="", num_frames=t, resolution=h, worker_count=0)
+    c.batch_size = a.batch
+    c.train.update(compile_cache_dir="", check_memory=False)  # Cold compiles only.
+    return c
+
+
+def measure(c, iters: int, init_state) -> dict:
+    prog = train.setup(c)
+    loss_fn = train.objectives.make_loss(c.objective, prog.net, c.total_steps)
+    start = time.perf_counter()
+    stablehlo = jax.jit(train.make_train_step(c, prog.net, prog.tx, loss_fn)).lower(
+        prog.abstract_state, prog.batch_spec).as_text()
+    lower_s = time.perf_counter() - start
+    state, batch = init_state(prog), bench_train.random_batch(prog, c.model.num_classes)
+    state, m = prog.step(state, batch)
+    loss = float(m["loss"])
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        state, m = prog.step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    return dict(lower_s=lower_s, compile_s=prog.compile_s, stablehlo_lines=stablehlo.count("\n"),
+                hlo_lines=prog.step.as_text().count("\n"), step_ms=1e3 * statistics.median(times),
+                first_loss=loss)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="B")
+    p.add_argument("--objective", default="eflow")
+    p.add_argument("--shape", default="16,128,128", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--patch", default="", type=lambda s: [int(v) for v in s.split(",")] if s else [])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--remat", action="store_true", help="Also remat='block' rows.")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
+    for remat in ("none", "block") if a.remat else ("none",):
+        unrolled = {}
+
+        def init_unrolled(prog):
+            unrolled["prog"] = prog
+            return prog.init_state(a.seed)
+
+        def init_stacked(prog):  # The unrolled run's initial weights in the scanned layout.
+            state = stack_layers(unrolled["prog"].init_state(a.seed))
+            return jax.device_put(state, prog.state_shardings)
+
+        for scan in (False, True):
+            row = measure(build(a, scan, remat), a.iters, init_stacked if scan else init_unrolled)
+            print(json.dumps(dict(bench="compile", device=device, variant=a.variant, objective=a.objective,
+                                  shape=a.shape, batch=a.batch, scan_layers=scan, remat=remat, **row)),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""What the training loop needs to keep the accelerator busy, beside train.py's loop.
+
+  DevicePrefetcher   the next batches go host -> device in a background thread while the step runs;
+                     checkpoints record the position of the last batch *consumed*.
+  MetricSums         per-step metrics summed on the device: one small dispatch per step, one
+                     device -> host copy per log step (no per-step clu Collection, no host sync).
+  Clock              where the wall time of a log window went: waiting for input, for the device,
+                     or host work (bookkeeping, checkpoints, samples).
+  compile cache      jax's persistent compilation cache, so a restart does not recompile the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
+
+
+class DevicePrefetcher:
+    """Iterates over device batches `size` ahead of the consumer, put by a background thread.
+
+    The host -> device copy of batch i+1 (and grain's work on it) overlaps step i instead of sitting
+    between steps. The thread runs ahead of training, so `get_state` reports the grain position
+    recorded right after the last batch the loop received: a checkpoint resumes with the next batch
+    the model has not seen. Restore into `host_iter` before wrapping it.
+
+    Args:
+      host_iter: a grain DatasetIterator (next() -> per-process numpy batch, get_state() -> dict).
+      put: per-process numpy batch -> device batch (e.g. sharding.to_global_batch on the mesh).
+      size: batches in flight on the device besides the one the step uses.
+    """
+
+    def __init__(self, host_iter, put: Callable[[Any], Any], size: int = 2):
+        self._host_iter, self._put = host_iter, put
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._state = host_iter.get_state()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self._host_iter)
+                item = (self._put(batch), self._host_iter.get_state())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised in its thread.
+            self._queue.put(_Raised(e))
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._thread is None:  # Started lazily: nothing runs ahead before the loop asks.
+            self._thread = threading.Thread(target=self._fill, name="device_prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, _Raised):
+            self._queue.put(item)  # Every later next() raises too.
+            raise item.error
+        batch, self._state = item
+        return batch
+
+    def get_state(self) -> bytes:
+        """The host iterator's state after the last consumed batch, as grain's checkpoint handler
+        stores a non-DatasetIterator's state (JSON bytes; restore it into the host iterator)."""
+        return json.dumps(self._state, indent=4).encode()
+
+    def close(self) -> None:
+        """Stops the thread, then closes the host iterator (its state stays readable)."""
+        self._stop.set()
+        if self._thread is not None:
+            while True:  # Unblock a producer waiting on a full queue.
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join(timeout=10)
+        close = getattr(self._host_iter, "close", None)
+        if close is not None:  # Ends grain's worker processes with the loop, not at interpreter exit.
+            close()
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _start_sums(metrics: dict) -> dict:
+    bad = metrics["finite"] == 0
+    return {"sums": {k: jnp.mean(v) for k, v in metrics.items()}, "count": jnp.int32(1),
+            "first_bad": jnp.where(bad, 0, -1).astype(jnp.int32)}
+
+
+def _add_to_sums(sums: dict, metrics: dict) -> dict:
+    bad = (metrics["finite"] == 0) & (sums["first_bad"] < 0)
+    return {"sums": {k: s + jnp.mean(metrics[k]) for k, s in sums["sums"].items()},
+            "count": sums["count"] + 1,
+            "first_bad": jnp.where(bad, sums["count"], sums["first_bad"])}
+
+
+class MetricSums:
+    """Running sums of the step's scalar metrics on the device, plus the first non-finite step.
+
+    `add` is one jitted dispatch per step (the old per-step clu Collection merge dispatched tens of
+    tiny ops); nothing is copied to the host until `means` or `first_nonfinite`.
+    """
+
+    _start = staticmethod(jax.jit(_start_sums))
+    _add = staticmethod(jax.jit(_add_to_sums, donate_argnums=(0,)))
+
+    def __init__(self):
+        self._sums = None
+
+    def add(self, metrics: dict) -> None:
+        self._sums = self._start(metrics) if self._sums is None else self._add(self._sums, metrics)
+
+    def first_nonfinite(self) -> int | None:
+        """0-based index (since the last reset) of the first step whose loss or grads were not
+        finite, or None. Blocks on the device."""
+        if self._sums is None:
+            return None
+        first = int(jax.device_get(self._sums["first_bad"]))
+        return None if first < 0 else first
+
+    def means(self) -> dict[str, float]:
+        """Per-metric means since the last reset (blocks on the device), then resets."""
+        host = jax.device_get(self._sums)
+        self._sums = None
+        return {k: float(v) / int(host["count"]) for k, v in host["sums"].items()}
+
+
+class Clock:
+    """Splits a window's wall time: waiting for the input iterator, waiting for the device, host.
+
+    `data_wait_frac`: the loop blocked in next(batches) (the input pipeline is too slow).
+    `device_wait_frac`: the loop blocked in the step call (dispatch, and the device queue being full)
+    or in copying metrics back at a log step: the accelerator is the bottleneck, as it should be.
+    `host_frac`: everything else (bookkeeping, checkpoint saves, samples, logging): time in which
+    the device may starve unless enough work is queued.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = time.perf_counter()
+        self.waits = {"data": 0.0, "device": 0.0}
+
+    def wait(self, kind: str) -> _Wait:
+        return _Wait(self.waits, kind)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def fractions(self) -> dict[str, float]:
+        total = max(self.elapsed(), 1e-9)
+        data, device = self.waits["data"] / total, self.waits["device"] / total
+        return dict(data_wait_frac=data, device_wait_frac=device, host_frac=max(0.0, 1.0 - data - device))
+
+
+class _Wait:
+    __slots__ = ("waits", "kind", "start")
+
+    def __init__(self, waits: dict, kind: str):
+        self.waits, self.kind = waits, kind
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        self.waits[self.kind] += time.perf_counter() - self.start
+
+
+def throughput(steps: int, seconds: float, batch_size: int, flops_per_step: float, peak) -> dict:
+    steps_per_s = steps / max(seconds, 1e-9)
+    tflops = steps_per_s * flops_per_step / jax.device_count() / 1e12
+    return dict(steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch_size,
+                tflops_per_device=tflops, mfu=tflops * 1e12 / peak if peak else None)
+
+
+# ---- persistent compilation cache ----
+
+_CACHE_HITS = [0]
+
+
+def _count_cache_hits(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
+
+
+def cache_hits() -> int:
+    """Persistent-cache hits in this process so far (compare before and after a compile)."""
+    return _CACHE_HITS[0]
+
+
+def default_compile_cache_dir() -> str:
+    """jax's own setting if any (JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/eflow_jax/xla."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "eflow_jax", "xla")
+
+
+def configure_compile_cache(path: str) -> str:
+    """Turns jax's persistent compilation cache on at `path` ('auto': the default, '': off).
+
+    Must run before the compiles it should cover. jax opens its cache once per process, so a
+    change of directory (or of on/off) resets it. Entries are kept for compiles of at least
+    jax_persistent_cache_min_compile_time_secs (1 s by default; env
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS): the train step is far above it, and the many tiny
+    helper jits stay out of the cache. Returns the directory in use ('' when off).
+    """
+    path = default_compile_cache_dir() if path == "auto" else os.path.expanduser(path)
+    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_enable_compilation_cache", bool(path))
+    if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) != before:
+        compilation_cache.reset_cache()
+    return path

@@ -1,0 +1,114 @@
+"""The loop's helpers: device prefetch keeps checkpoints exact, on-device metric sums, compile cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from eflow_jax import loop, train
+from eflow_jax.bench import train as bench_train
+from eflow_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_CONFIG = "objective=flow_matching,test=1,batch=16"
+
+
+def _data_cfg():
+    return demo.get_config(TEST_CONFIG).data
+
+
+def test_prefetcher_state_is_the_consumed_position_and_batches_are_uint8():
+    raw = pipeline.make_train_iterator(_data_cfg(), global_batch_size=4, seed=3, float_video=False)
+    batches = loop.DevicePrefetcher(raw, jax.device_put, size=2)
+    got = [next(batches) for _ in range(3)]
+    # The thread has read ahead by now; the state must still point after batch 3.
+    reference = pipeline.make_train_iterator(_data_cfg(), global_batch_size=4, seed=3, float_video=False)
+    expected = [next(reference) for _ in range(3)]
+    assert json.loads(batches.get_state()) == reference.get_state()
+    for g, e in zip(got, expected, strict=True):
+        assert isinstance(g["video"], jax.Array) and g["video"].dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(g["video"]), e["video"])
+    # Resuming from that state continues with batch 4.
+    resumed = pipeline.make_train_iterator(_data_cfg(), global_batch_size=4, seed=3, float_video=False)
+    resumed.set_state(json.loads(batches.get_state()))
+    np.testing.assert_array_equal(next(resumed)["video"], next(reference)["video"])
+    batches.close()
+
+
+def test_prefetcher_raises_the_producer_error_in_the_consumer():
+    def broken():
+        yield {"video": np.zeros(2)}
+        raise RuntimeError("decoder exploded")
+
+    class Iter:  # The two methods the prefetcher uses of a grain iterator.
+        def __init__(self):
+            self._it = broken()
+
+        def __next__(self):
+            return next(self._it)
+
+        def get_state(self):
+            return {}
+
+    batches = loop.DevicePrefetcher(Iter(), lambda b: b)
+    next(batches)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        next(batches)
+
+
+def test_metric_sums_mean_and_first_nonfinite_step():
+    sums = loop.MetricSums()
+    for loss, finite in [(1.0, 1.0), (3.0, 1.0), (np.nan, 0.0), (5.0, 0.0)]:
+        sums.add({"loss": jnp.float32(loss), "finite": jnp.float32(finite)})
+    assert sums.first_nonfinite() == 2
+    means = sums.means()
+    assert np.isnan(means["loss"]) and means["finite"] == 0.5
+    for loss in (2.0, 4.0):
+        sums.add({"loss": jnp.float32(loss), "finite": jnp.float32(1.0)})
+    assert sums.first_nonfinite() is None and sums.means() == {"loss": 3.0, "finite": 1.0}
+
+
+def test_uint8_pixels_become_model_input_on_device():
+    pixels = np.array([0, 128, 255], np.uint8)
+    np.testing.assert_allclose(train.to_model_input(jnp.asarray(pixels)), pixels / 127.5 - 1, atol=1e-6)
+    assert train.to_model_input(jnp.ones(2, jnp.float16)).dtype == jnp.float32
+
+
+def test_bench_times_the_program_the_cli_runs(tmp_path, monkeypatch):
+    programs = []
+    setup = train.setup
+    monkeypatch.setattr(train, "setup", lambda c: programs.append(setup(c)) or programs[-1])
+    c = demo.get_config(f"steps=1,{TEST_CONFIG}")
+    train.train_and_evaluate(c, str(tmp_path))
+    bench_train.time_train_step(c, iters=1)
+    assert len(programs) == 2
+    cli_hlo, bench_hlo = (p.step.as_text() for p in programs)
+    assert "input_output_alias" in cli_hlo  # The state is donated.
+    assert cli_hlo == bench_hlo
+
+
+def _run_cli(workdir, cache_dir):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # The tiny step compiles in < 1 s.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, "-m", "eflow_jax.main", f"--config=configs/demo.py:steps=1,{TEST_CONFIG}",
+           f"--config.train.compile_cache_dir={cache_dir}", f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+
+
+def test_second_start_loads_the_step_from_the_persistent_cache(tmp_path):
+    cache = tmp_path / "xla"
+    cold = _run_cli(tmp_path / "a", cache)
+    entries = os.listdir(cache)
+    assert entries, "nothing written to the compilation cache"
+    warm = _run_cli(tmp_path / "b", cache)
+    assert cold["compile_cache_hit"] == 0.0 and warm["compile_cache_hit"] == 1.0
+    assert warm["compile_s"] < cold["compile_s"]
