@@ -38,6 +38,9 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
         every_steps=100,
         sample_every=10_000,  # 0 = only at the end.
         eval_every=0,  # > 0: score EMA samples with eval.metric's in-loop gauge every this many steps; 0 = off.
+        # Held-out clips of the probe logged every log step (eflow_jax/monitor.py): the same dense
+        # velocity error for every objective, so their curves line up. 0 = off.
+        probe_clips=32,
         sample_steps=(1, 2),  # Few-step samplers written as mp4/gif + TensorBoard strips.
         num_samples=8,
         fps=8,

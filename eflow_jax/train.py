@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, loop, optim, sample, sharding, writers
+from eflow_jax import checkpoint, loop, monitor, optim, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
@@ -186,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                                     size=config.train.device_prefetch)
 
     peak = writers.peak_flops_per_device()
+    quality = monitor.QualityMonitor(config, prog.net, prog.mesh)
     sample_labels = sample.parse_labels("", config.log.num_samples, config.model.num_classes)
 
     def write_samples(step: int):
@@ -236,19 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 values |= loop.throughput(step - window_start, clock.elapsed(), config.batch_size,
                                           prog.flops_per_step, peak)
                 values["lr"] = float(optim.learning_rate(config.optim, config.total_steps)(step))
+                values |= quality.probe(state.params)
                 writer.scalars(step, values)
                 eta = (config.total_steps - step) / max(values["steps_per_s"], 1e-9)
-                logging.info("step %d | loss %.4f | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | MFU %s | "
-                             "data wait %.0f%% | host %.0f%% | ETA %.0fs",
-                             step, values["loss"], values["steps_per_s"], values["examples_per_s"],
-                             values["tflops_per_device"], _fmt(values.get("mfu")),
-                             100 * values["data_wait_frac"], 100 * values["host_frac"], eta)
+                logging.info("step %d | loss %.4f | probe %s | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | "
+                             "MFU %s | data wait %.0f%% | host %.0f%% | ETA %.0fs",
+                             step, values["loss"], _fmt(values.get("probe_vel_err"), "{:.4f}"),
+                             values["steps_per_s"], values["examples_per_s"], values["tflops_per_device"],
+                             _fmt(values.get("mfu")), 100 * values["data_wait_frac"], 100 * values["host_frac"], eta)
                 window_start, startup = step, {}
                 clock.reset()
             if must_save and ckpt.save(step, state, batches, force=is_last or stop_here):
                 last_good = step
             if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
                 write_samples(step)
+            if quality.gauge_due(step, is_last):
+                quality.log_gauge(step, state.ema_params, writer)
             if stop_here:
                 logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)
                 break
@@ -259,8 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     return state
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
+def _fmt(v, spec: str = "{:.1%}") -> str:
+    return "n/a" if v is None else spec.format(v)
 
 
 def _log_memory(compiled) -> None:

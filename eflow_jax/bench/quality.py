@@ -6,7 +6,8 @@ r"""Learning-curve benchmark: few-step sample quality against training examples,
 
 Every objective trains the same network size (configs/shapes.py, variant S) from the same init seed
 on the same data order. At each eval point one JSON line is printed: examples seen, the seconds
-spent in train steps so far (evals excluded), the held-out probe (flow/probe.py: the same dense
+spent in train steps so far (evals excluded; when several runs share the card, the
+`quality_step_time` line gives each one's step time measured alone afterwards), the held-out probe (flow/probe.py: the same dense
 velocity error for every objective) and the shapes gauge (eval/shapes.py: class accuracy, motion
 consistency, Frechet distance on the gauge classifier's features, with real and noise references)
 on samples from the EMA params: 1-, 2- and 4-step solution maps for the few-step objectives;
@@ -16,7 +17,10 @@ on samples from the EMA params: 1-, 2- and 4-step solution maps for the few-step
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
+import statistics
 import time
 
 import jax
@@ -24,11 +28,9 @@ import ml_collections
 import numpy as np
 
 from configs import shapes as shapes_config
-from eflow_jax import optim, sample, sharding, train
-from eflow_jax import state as state_lib
+from eflow_jax import loop, sample, sharding, train
 from eflow_jax.data import pipeline
-from eflow_jax.flow import objectives, probe
-from eflow_jax.models import dit
+from eflow_jax.flow import probe
 
 
 def _override(config: ml_collections.ConfigDict, assignment: str) -> None:
@@ -64,52 +66,70 @@ def sample_settings(config: ml_collections.ConfigDict) -> list[tuple[str, int, m
 
 
 def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_clips: int, tag: str,
-                  gauge: bool = True):
-    """Trains `config` and yields one result dict per eval step (gauge=False: the probe only)."""
-    mesh = sharding.make_mesh(config.mesh)
-    train.validate(config, mesh)
-    model, net = dit.make_network(config.model)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    loss_fn = objectives.make_loss(config.objective, net, config.total_steps)
-    _, state_shardings = state_lib.state_shardings(model, tx, mesh, config.seed)
-    state = state_lib.create_state(model, tx, mesh, config.seed, state_shardings)
-    batch_shardings = {"video": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
-    step_fn = jax.jit(train.make_train_step(config, net, tx, loss_fn),
-                      in_shardings=(state_shardings, batch_shardings), donate_argnums=(0,))
-    data = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
+                  gauge: bool = True, timing_dir: str = "", parallel: int = 1):
+    """Trains `config` with the CLI's program (train.setup) and yields one result dict per eval step.
+
+    gauge=False scores only the probe. timing_dir: after training, wait until `parallel` runs
+    sharing the card are done, then time 50 more steps alone (under a file lock), so step times are
+    comparable even when the learning curves were trained side by side.
+    """
+    prog = train.setup(config)
+    state = prog.init_state(config.seed)
+    data = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                        float_video=False)
+    batches = loop.DevicePrefetcher(data, lambda b: sharding.to_global_batch(b, prog.mesh))
     clips, labels = pipeline.heldout_clips(config.data, 64)
     fixed = probe.make_probe(clips, labels)
-    probe_fn = jax.jit(lambda p: probe.probe_metrics(net, p, fixed))
+    probe_fn = jax.jit(lambda p: probe.probe_metrics(prog.net, p, fixed))
     if gauge:
         from eflow_jax.eval import shapes
 
         gauge = shapes.ShapesGauge.for_data(config.data)
     gen_labels = [i % config.model.num_classes for i in range(num_clips)]
 
-    train_s, compile_s = 0.0, None
+    train_s = 0.0
     for step in range(1, config.total_steps + 1):
-        batch = sharding.to_global_batch(next(data), mesh)
+        batch = next(batches)
         start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        if step == 1 or step in eval_at:
+        state, metrics = prog.step(state, batch)
+        if step in eval_at:
             jax.block_until_ready(metrics)
-        elapsed = time.perf_counter() - start
-        if step == 1:
-            compile_s = elapsed  # The first call compiles; its time is reported, not counted.
-        else:
-            train_s += elapsed
+        train_s += time.perf_counter() - start  # Async dispatch: settled at every eval step.
         if step not in eval_at:
             continue
         row = dict(bench="quality", tag=tag, objective=config.objective.name, step=step,
                    examples=step * config.batch_size, train_s=round(train_s, 2),
-                   compile_s=round(compile_s, 1), device=jax.devices()[0].device_kind,
-                   loss=float(metrics["loss"]))
-        row |= {k: float(v) for k, v in probe_fn(state.ema_params).items()}
+                   compile_s=round(prog.compile_s, 1), parallel=parallel,
+                   device=jax.devices()[0].device_kind, loss=float(metrics["loss"]))
+        row |= {k: float(v) for k, v in probe_fn(state.params).items()}
         for name, n, scfg in sample_settings(config) if gauge else ():
-            videos = sample.generate(config, net, state.ema_params, gen_labels, n, seed=1,
-                                     batch_size=num_clips, sample_cfg=scfg)
+            videos = sample.generate(config, prog.net, state.ema_params, gen_labels, n, seed=1,
+                                     batch_size=num_clips, sample_cfg=scfg, mesh=prog.mesh)
             row |= {f"{name}/{k}": v for k, v in gauge.score(videos, np.asarray(gen_labels)).items()}
         yield row
+    if timing_dir:
+        yield dict(bench="quality_step_time", tag=tag, objective=config.objective.name, batch=config.batch_size,
+                   step_ms=_time_alone(prog, state, batches, timing_dir, tag, parallel),
+                   device=jax.devices()[0].device_kind)
+    batches.close()
+
+
+def _time_alone(prog, state, batches, timing_dir: str, tag: str, parallel: int, steps: int = 50) -> float:
+    """Median step time (ms) once every run sharing the card has finished training, one at a time."""
+    os.makedirs(timing_dir, exist_ok=True)
+    open(os.path.join(timing_dir, f"{tag}.done"), "w").close()
+    while len([f for f in os.listdir(timing_dir) if f.endswith(".done")]) < parallel:
+        time.sleep(1.0)
+    with open(os.path.join(timing_dir, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        times = []
+        for _ in range(steps):
+            batch = next(batches)
+            start = time.perf_counter()
+            state, metrics = prog.step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    return round(1e3 * statistics.median(times[5:]), 3)
 
 
 def main() -> None:
@@ -123,6 +143,8 @@ def main() -> None:
     p.add_argument("--num_clips", type=int, default=200, help="Generated clips scored per sampler.")
     p.add_argument("--set", action="append", default=[], help="Config override, e.g. objective.mva.beta=0.5.")
     p.add_argument("--gauge", default="true", choices=("true", "false"), help="Score samples (false: probe only).")
+    p.add_argument("--timing_dir", default="", help="Time 50 steps alone after training (see run_objective).")
+    p.add_argument("--parallel", type=int, default=1, help="Runs sharing the card (with --timing_dir).")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="", help="Also append the JSON lines to this file.")
     a = p.parse_args()
@@ -132,7 +154,8 @@ def main() -> None:
                                           f"steps={a.steps},batch={a.batch}")
         for assignment in a.set:
             _override(config, assignment)
-        for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true"):
+        for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true",
+                                 a.timing_dir, a.parallel):
             line = json.dumps(row)
             print(line, flush=True)
             if a.out:

@@ -1,0 +1,59 @@
+"""Quality signals the train loop logs beside its losses, so a run that does not learn shows it.
+
+  probe  every log step (log.probe_clips > 0): flow/probe.py on a fixed held-out batch, the same
+         dense velocity error for every objective plus the trunk / label / s / middle health signals.
+  gauge  every log.eval_every steps and at the end, when eval.metric == 'shapes' (synthetic data):
+         eval/shapes.py scores few-step samples of the EMA params (class accuracy, motion
+         consistency, Frechet on the gauge classifier's features, with real and noise references).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from absl import logging
+
+from eflow_jax.data import pipeline
+from eflow_jax.flow import probe as probe_lib
+
+
+class QualityMonitor:
+    """Builds the probe at start (cheap) and the gauge on first use (trains or loads a classifier)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, net, mesh):
+        self._config, self._net, self._mesh = config, net, mesh
+        self._probe_fn = None
+        if config.log.probe_clips > 0:
+            clips, labels = pipeline.heldout_clips(config.data, int(config.log.probe_clips))
+            fixed = probe_lib.make_probe(clips, labels)
+            self._probe_fn = jax.jit(lambda params: probe_lib.probe_metrics(net, params, fixed))
+        self._gauge = None
+
+    def probe(self, params) -> dict[str, float]:
+        """Probe metrics of `params` (the raw, trained params: EMA lags in short windows)."""
+        if self._probe_fn is None:
+            return {}
+        return {k: float(v) for k, v in self._probe_fn(params).items()}
+
+    @property
+    def gauges(self) -> bool:
+        return self._config.eval.metric == "shapes" and self._config.data.source == "synthetic"
+
+    def gauge_due(self, step: int, is_last: bool) -> bool:
+        every = self._config.log.eval_every
+        return self.gauges and ((every > 0 and step % every == 0) or is_last)
+
+    def gauge(self, params) -> tuple[dict[str, float], str]:
+        """(TensorBoard scalars, a printable table) for samples of `params` (pass the EMA params)."""
+        from eflow_jax.eval import shapes
+
+        cfg = self._config.eval.shapes
+        if self._gauge is None:
+            self._gauge = shapes.ShapesGauge.for_data(self._config.data, cfg.cache_dir or None, int(cfg.seed))
+        results = shapes.score_params(self._config, self._net, params, gauge=self._gauge, mesh=self._mesh)
+        return shapes.scalars(results), shapes.format_table(results)
+
+    def log_gauge(self, step: int, params, writer) -> None:
+        scalars, table = self.gauge(params)
+        writer.scalars(step, scalars)
+        logging.info("shapes gauge at step %d (EMA params):\n%s", step, table)
