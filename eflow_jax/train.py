@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import signal
 import time
 
 import jax
@@ -15,21 +17,33 @@ import optax
 from absl import logging
 from clu import metrics as clu_metrics
 
-from eflow_jax import checkpoint, optim, sample, sharding, writers
+from eflow_jax import checkpoint, optim, rundir, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
 from eflow_jax.models import dit
 
 
-class NonFiniteError(RuntimeError):
+# The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteError(rundir.RunError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is left in place."""
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> None:
-    """Config errors before anything compiles, each naming the field to change."""
+    """Config errors before the workdir is touched or anything compiles, each naming the field to change."""
+    for field in ("total_steps", "checkpoint.save_every", "checkpoint.keep_last", "log.every_steps"):
+        value = functools.reduce(getattr, field.split("."), config)
+        if value < 1:
+            raise ValueError(f"{field}={value}: it must be >= 1; set --config.{field} to a positive number.")
+    if config.checkpoint.restore_step < -1:
+        raise ValueError(f"checkpoint.restore_step={config.checkpoint.restore_step}: use -1 (the latest "
+                         f"checkpoint) or a committed step of the workdir.")
     dit.layout_of(config.model)
     objectives.validate_config(config.objective)
+    optim.validate_config(config.optim)
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
@@ -96,16 +110,27 @@ def train_flops_per_step(config) -> float:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+    """Trains from the workdir's latest checkpoint (or init_from, or scratch) to config.total_steps.
+
+    Bad input raises a one-line `rundir.RunError` before the workdir is touched; a second run on the
+    same workdir fails at once; stop signals save and return; every exit closes what was opened.
+    """
     # ---- Mesh and validation ----
     mesh = sharding.make_mesh(config.mesh)
     logging.info("topology: %s", sharding.describe(mesh))
-    validate(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    writer = writers.MetricWriter(workdir)
+    try:
+        validate(config, mesh)
+    except (ValueError, FileNotFoundError) as e:
+        raise rundir.ConfigError(str(e)) from e
+    rundir.check_model_config(workdir, config)
+    # Unwound in reverse on any exit: writers, checkpointer (awaits its save), signal handlers, lock.
+    with contextlib.ExitStack() as closing:
+        closing.enter_context(rundir.WorkdirLock(workdir, enabled=jax.process_index() == 0))
+        guard = closing.enter_context(checkpoint.PreemptionGuard(STOP_SIGNALS))
+        return _train(config, workdir, mesh, guard, closing)
 
+
+def _train(config, workdir: str, mesh, guard, closing: contextlib.ExitStack) -> state_lib.TrainState:
     # ---- Input ----
     data_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -124,10 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         os.path.join(workdir, "ckpt"), save_every=config.checkpoint.save_every,
         keep_last=config.checkpoint.keep_last, keep_every=config.checkpoint.keep_every or None,
         async_save=config.checkpoint.async_save)
+    closing.callback(ckpt.close)
     state, start_step, source = checkpoint.restore_or_init(
         ckpt, abstract_state, lambda: state_lib.create_state(model, tx, mesh, config.seed, state_shardings),
-        data_iter, init_from=config.checkpoint.init_from or None)
+        data_iter, init_from=config.checkpoint.init_from or None,
+        restore_step=None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step)
     logging.info("starting at step %d (%s)", start_step, source)
+    # Only now does this run own the workdir's record: a failed restore leaves the old one as it was.
+    if jax.process_index() == 0:
+        rundir.write_config_snapshot(workdir, config)
+        rundir.trim_metrics(workdir, start_step)
+    writer = writers.MetricWriter(workdir)
+    closing.callback(writer.close)
 
     # ---- Update step: one jit, explicit shardings, donated state ----
     batch_shardings = {"video": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
@@ -156,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     pending, window, finite_flags = None, [], []
     last_good = ckpt.latest_step()
     t0, steps_timed, step = time.perf_counter(), 0, start_step
-    with checkpoint.PreemptionGuard() as guard:
+    # A stop signal during setup or the compile: leave before step one (nothing new to save).
+    if not guard.should_stop(start_step):
         for step in range(start_step + 1, config.total_steps + 1):
             if config.log.profile_start and step == config.log.profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -177,7 +211,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 bad = np.flatnonzero(np.asarray(jax.device_get(finite_flags)) == 0)
                 if bad.size and not config.train.skip_nonfinite:
                     first_bad = step - len(finite_flags) + 1 + int(bad[0])
-                    ckpt.close()
                     raise NonFiniteError(
                         f"non-finite loss or gradient at step {first_bad}; the last good checkpoint is "
                         f"step {last_good} in {ckpt.directory}. Lower optim.lr, set optim.grad_clip, or set "
@@ -197,15 +230,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 pending, window, t0 = None, [], time.perf_counter()
             if must_save and ckpt.save(step, state, data_iter, force=is_last or stop_here):
                 last_good = step
-            if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
-                write_samples(step)
             if stop_here:
+                ckpt.wait()  # Committed before anything else runs or the job's grace period ends.
                 logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)
                 break
-    ckpt.close()
+            if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
+                write_samples(step)
+    ckpt.wait()
     if step == config.total_steps and config.log.sample_steps:
         write_samples(step)
-    writer.close()
     return state
 
 

@@ -77,6 +77,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"guidance={c.guidance!r}; use 'none', 'cfg' or 'path_drop'.")
     if c.mva.split not in ("uniform", "half"):
         raise ValueError(f"mva.split={c.mva.split!r}; use 'uniform' or 'half'.")
+    if not 0.0 <= c.label_drop <= 1.0:
+        raise ValueError(f"objective.label_drop={c.label_drop}: it is a probability; set it in [0, 1] (0.1 is "
+                         f"SoFlow's).")
     if not 0.0 <= c.velocity_ratio <= 1.0 or not 0.0 <= c.weak_ratio < 1.0:
         raise ValueError("velocity_ratio must be in [0, 1] and weak_ratio in [0, 1).")
     if c.name == "flow_matching":
