@@ -69,19 +69,20 @@ class CheckpointError(RunError):
 
 def _os_error(err: BaseException) -> BaseException:
     """The OSError behind `err` (orbax wraps them), else `err` itself."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     return err
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException, limit: int = 300) -> str:
     err = _os_error(err)
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text.split(" [tensorstore_spec")[0]  # tensorstore appends kilobytes of JSON spec
+    return f"{type(err).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 def _retention_options(keep_last: int, keep_every: int | None) -> dict[str, Any]:
