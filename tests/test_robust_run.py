@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import demo
-from eflow_jax import rundir, train
+from eflow_jax import checkpoint, rundir, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = "objective=flow_matching,test=1,batch=16"
@@ -156,27 +156,45 @@ def test_failed_save_is_one_line_with_the_step_and_closes_everything(tmp_path):
     assert "Traceback" not in err, err[-3000:]
 
 
-def test_model_config_change_and_metrics_after_a_resume(tmp_path):
-    """A changed model fails before touching the workdir; a resume replaces config.json (keeping the
-    old one) and does not repeat the steps logged after the last checkpoint."""
-    workdir = tmp_path / "run"
-    with pytest.raises(train.NonFiniteError):  # dies at step 4 after logging 1-3, saved at 2
-        train.train_and_evaluate(small_config(steps=5, inject_nan_at_step=4), str(workdir))
-    assert _steps(workdir) == [2]
-    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "tb" not in p.parts}
+def _files(workdir) -> dict:
+    """Every file but the lock (each run writes its pid there) and TensorBoard's events."""
+    return {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != ".lock" and "tb" not in p.parts}
 
-    changed = small_config(steps=5)
+
+def test_model_change_or_corrupt_checkpoint_touch_nothing_and_a_resume_keeps_one_record(tmp_path):
+    """A changed model fails before touching the workdir; so does a corrupt latest checkpoint, which
+    names the previous one; resuming from it replaces config.json (keeping the old one) and does not
+    repeat the steps logged after that checkpoint."""
+    workdir = tmp_path / "run"
+    with pytest.raises(train.NonFiniteError):  # dies at step 6 after logging 1-5, saved at 2 and 4
+        train.train_and_evaluate(small_config(steps=7, inject_nan_at_step=6), str(workdir))
+    assert _steps(workdir) == [2, 4]
+    files = _files(workdir)
+
+    changed = small_config(steps=7)
     changed.model.mlp_ratio = 2.0
     with pytest.raises(rundir.ConfigError, match=r"^this workdir was trained with another model config: "
                                                  r"model.mlp_ratio: 4.0 -> 2.0; use a new --workdir"):
         train.train_and_evaluate(changed, str(workdir))
-    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and "tb" not in p.parts} == files
+    assert _files(workdir) == files
 
-    train.train_and_evaluate(small_config(steps=5), str(workdir))
+    data = workdir / "ckpt" / "4" / "state" / "d"
+    for name in os.listdir(data):
+        os.truncate(data / name, os.path.getsize(data / name) // 2)
+    files = _files(workdir)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^cannot restore step 4 .*restore_step=2 "):
+        train.train_and_evaluate(small_config(steps=7), str(workdir))
+    assert _files(workdir) == files  # config.json and metrics.jsonl are still the last run's
+
+    resumed = small_config(steps=7)
+    resumed.checkpoint.restore_step = 2
+    train.train_and_evaluate(resumed, str(workdir))
     steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    assert _steps(workdir) == [4, 6, 7]  # a new step 4; the corrupt one was moved aside, not deleted
+    assert os.listdir(workdir / "ckpt.set_aside") == [f"4.{os.getpid()}"]
     assert json.loads((workdir / "config.json").read_text())["train"]["inject_nan_at_step"] == -1
-    assert json.loads((workdir / "config.1.json").read_text())["train"]["inject_nan_at_step"] == 4
+    assert json.loads((workdir / "config.1.json").read_text())["train"]["inject_nan_at_step"] == 6
 
 
 @pytest.mark.parametrize("mutate,message", [
