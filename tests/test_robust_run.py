@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import demo
-from eflow_jax import checkpoint, rundir, train
+from eflow_jax import checkpoint, rundir, train, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = "objective=flow_matching,test=1,batch=16"
@@ -203,10 +203,24 @@ def test_model_change_or_corrupt_checkpoint_touch_nothing_and_a_resume_keeps_one
     (lambda c: c.log.update(every_steps=0), "log.every_steps=0"),
     (lambda c: c.objective.update(label_drop=1.5), "objective.label_drop=1.5"),
     (lambda c: c.optim.update(lr=0.0), "optim.lr=0.0"),
-])
+], ids=["total_steps", "save_every", "every_steps", "label_drop", "lr"])
 def test_bad_config_fails_before_the_workdir_exists(mutate, message, tmp_path):
     c = small_config()
     mutate(c)
     with pytest.raises(rundir.ConfigError, match=message):
         train.train_and_evaluate(c, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_writer_close_after_a_failed_flush_does_not_raise(tmp_path, monkeypatch):
+    """close() runs while an error unwinds the loop: a full disk there must not replace that error."""
+    writer = writers.MetricWriter(str(tmp_path), enabled=True)
+    writer.scalars(1, {"loss": 1.0})
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer._tb, "close", disk_full)
+    writer.close()
+    assert writer._jsonl.closed
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.0
