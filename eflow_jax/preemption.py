@@ -76,7 +76,10 @@ class PreemptionGuard:
             logging.warning("PreemptionGuard outside the main thread: signals are not caught.")
             return self
         for signum in self._signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # An ignored signal stays ignored: `cmd &` in a script ignores SIGINT so that Ctrl-C in the
+            # terminal does not reach background jobs.
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -337,7 +337,7 @@ def test_resume_order_workdir_then_init_from_then_scratch(tmp_path):
 
 def test_repeated_sigterm_is_ignored_and_a_second_sigint_quits_at_once():
     """timeout/SLURM may send TERM twice: the repeat must not kill a save. Ctrl-C twice must quit."""
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not under `&`
     with PreemptionGuard((signal.SIGTERM, signal.SIGINT)) as guard:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # would kill this process if it were not ignored
@@ -347,7 +347,11 @@ def test_repeated_sigterm_is_ignored_and_a_second_sigint_quits_at_once():
         # The next SIGINT is the OS default (immediate exit), not Python's KeyboardInterrupt, which
         # would wait for the main thread to leave a C call such as a compile.
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) == previous
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job (`cmd &`): Ctrl-C is not for it
+    with PreemptionGuard((signal.SIGTERM, signal.SIGINT)):
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, previous)
 
 
 def _small_ckpt(directory, steps):

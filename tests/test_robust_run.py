@@ -41,7 +41,9 @@ class Run:
         argv += [f"--config=configs/demo.py:{config}", f"--config.checkpoint.save_every={save_every}",
                  f"--workdir={workdir}"]
         with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL, stderr=err)
+            # SIGINT as in a terminal, also when the tests themselves run in the background (`&` ignores it).
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def stderr(self) -> str:
         with open(self.log) as f:
