@@ -33,6 +33,7 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
     c.checkpoint = ml_collections.ConfigDict(dict(
         save_every=2_000, keep_last=3, keep_every=50_000, async_save=True,
         init_from="",  # Another run's workdir/ckpt (or a step dir): params + EMA only.
+        restore_step=-1,  # -1: the latest; else resume from this committed step (later ones are set aside).
     ))
     c.log = ml_collections.ConfigDict(dict(
         every_steps=100,

@@ -29,6 +29,10 @@ Conventions:
   * Async saves copy device arrays to host before `save` returns, so the caller may donate the
     state to the next jitted step right away. The grain iterator state is written synchronously.
 
+Failures are one line (`CheckpointError`): a save names the step and the OS error; a restore that
+fails names the step and the previous committed one, which ``restore_step`` resumes from (the later
+steps are moved to ``<directory>.set_aside/``, not deleted).
+
 Why work is never lost: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it on
 commit, so a kill during a save leaves a tmp directory that `latest_step`/`restore` ignore and the
 next `Checkpointer` deletes (``cleanup_tmp_directories``); old steps are only deleted after the
@@ -42,21 +46,43 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from eflow_jax.preemption import PreemptionGuard  # noqa: F401  (part of this module's API)
+from eflow_jax.rundir import RunError
 
 PyTree = Any
 
 _STATE = "state"  # item names inside one step directory
 _DATA = "data"
 _WHICH_TO_FIELD = {"ema": "ema_params", "params": "params"}
+
+
+class CheckpointError(RunError):
+    """A save or restore failed; the message names the step, the cause and what to do."""
+
+
+def _os_error(err: BaseException) -> BaseException:
+    """The OSError behind `err` (orbax wraps them), else `err` itself."""
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    err = _os_error(err)
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text.split(" [tensorstore_spec")[0]  # tensorstore appends kilobytes of JSON spec
+    return f"{type(err).__name__}: {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 def _retention_options(keep_last: int, keep_every: int | None) -> dict[str, Any]:
@@ -113,6 +139,7 @@ class Checkpointer:
         self.directory = _local_path(directory)
         self._save_every = save_every
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step of the async save not yet awaited
 
     def latest_step(self) -> int | None:
         """Newest committed step, or None when there is none."""
@@ -155,8 +182,18 @@ class Checkpointer:
             import grain  # only needed with a data iterator (absent on some GPU hosts)
 
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iter)
-        # force: the decision was made above; orbax must not apply its own policy on top.
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # Also raises the error of the previous async save, if it failed.
+            # force: the decision was made above; orbax must not apply its own policy on top.
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._save_error(self._in_flight or step, e) from e
+        self._in_flight = step if started else self._in_flight
+        return started
+
+    def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"saving step {step} to {self.directory} failed: {_one_line(err)}; free space or fix the "
+            f"directory's permissions, then rerun: it resumes from step {self.latest_step()}.")
 
     def restore(
         self, abstract_state: PyTree, data_iter: Any = None, step: int | None = None
@@ -196,12 +233,39 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the in-flight async save (if any) has committed."""
-        self._manager.wait_until_finished()
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(step, e) from e
 
     def close(self) -> None:
-        """Waits for pending saves and deletions, then releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and deletions, then releases the manager (also when the wait fails)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Moves committed steps after `step` to `<directory>.set_aside/` so that `step` is the latest.
+
+        Resuming from an earlier step must not leave later ones: they would be restored next time, and
+        `should_save` skips every step up to the latest. Process 0 moves; all processes reload.
+        """
+        later = [s for s in self.all_steps() if s > step]
+        if later and jax.process_index() == 0:
+            aside = f"{self.directory.rstrip('/')}.set_aside"
+            os.makedirs(aside, exist_ok=True)
+            for s in later:
+                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, f"{s}.{os.getpid()}"))
+            logging.warning("Moved steps %s to %s to resume from step %d.", later, aside, step)
+        if later:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("set_aside_after")
+            self._manager.reload()
+        return later
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -324,6 +388,7 @@ def restore_or_init(
     init_fn: Callable[[], PyTree],
     data_iter: Any = None,
     init_from: str | os.PathLike | None = None,
+    restore_step: int | None = None,
 ) -> tuple[PyTree, int, str]:
     """Resumes from the workdir, else warm-starts from `init_from`, else initialises.
 
@@ -333,15 +398,30 @@ def restore_or_init(
       init_fn: () -> a freshly initialised, sharded train state (step 0).
       data_iter: grain iterator to rewind when resuming (left untouched otherwise).
       init_from: another run's checkpoint directory (or step directory) to take params from.
+      restore_step: resume from this committed step instead of the latest (later ones are set aside).
 
     Returns:
       (state, start_step, source) with source one of 'workdir', 'init_from', 'scratch'; the loop
       continues with step `start_step + 1`.
     """
+    steps = checkpointer.all_steps()
+    if restore_step is not None:
+        if restore_step not in steps:
+            raise CheckpointError(f"checkpoint.restore_step={restore_step} is not a committed step in "
+                                  f"{checkpointer.directory} (it has {steps}); pick one of them or -1 (the latest).")
+        checkpointer.set_aside_after(restore_step)
     latest = checkpointer.latest_step()
     if latest is not None:
         logging.info("Resuming from %s step %d.", checkpointer.directory, latest)
-        return checkpointer.restore(abstract_state, data_iter, step=latest), latest, "workdir"
+        try:
+            return checkpointer.restore(abstract_state, data_iter, step=latest), latest, "workdir"
+        except Exception as e:
+            earlier = [s for s in steps if s < latest]
+            offer = (f"to resume from the previous committed step, rerun with --config.checkpoint.restore_step="
+                     f"{earlier[-1]} (step {latest} is moved aside, not deleted)" if earlier else
+                     "there is no earlier step; use a new --workdir")
+            raise CheckpointError(f"cannot restore step {latest} from {checkpointer.directory} "
+                                  f"({_one_line(e)}); {offer}.") from e
     state = init_fn()
     if not init_from:
         return state, 0, "scratch"
@@ -352,68 +432,3 @@ def restore_or_init(
     logging.info("Initialised %s from %s step %d.", sorted(restored), init_from, step)
     # Fresh optimizer state and step 0 come from init_fn; only the weights are taken over.
     return _replace(state, **restored), 0, "init_from"
-
-
-class PreemptionGuard:
-    """Turns SIGTERM (and optionally SIGINT) into "save and stop at the next step boundary".
-
-    A second signal of the same kind falls through to the previous handler (force quit). In
-    multi-process runs all processes agree through an all-gather of the flag every `sync_every`
-    steps (it blocks the host on the device, so it is not done every step). Note that this
-    handler takes SIGTERM over from jax's own preemption notifier.
-
-    Args:
-      signals: signals that request a stop.
-      sync_every: multi-process only: how often (in steps) the processes compare flags.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), *, sync_every: int = 10):
-        self._signals = tuple(signals)
-        self._sync_every = max(1, int(sync_every))
-        self._previous: dict[int, Any] = {}
-        self._requested = False
-
-    @property
-    def requested(self) -> bool:
-        """Whether this process received a stop signal."""
-        return self._requested
-
-    def request_stop(self) -> None:
-        """Sets the flag as a signal would (for tests and callers with their own triggers)."""
-        self._requested = True
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self._requested:  # second signal: give it to whoever handled it before us
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            return
-        logging.warning("Received signal %d: saving and stopping at the next step.", signum)
-        self._requested = True
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is not threading.main_thread():
-            logging.warning("PreemptionGuard outside the main thread: signals are not caught.")
-            return self
-        for signum in self._signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def should_stop(self, step: int) -> bool:
-        """Whether the loop should save and exit after `step`; the same answer on all processes."""
-        if jax.process_count() == 1:
-            return self._requested
-        if int(step) % self._sync_every:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self._requested))
-        return bool(np.any(flags))

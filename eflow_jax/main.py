@@ -64,9 +64,12 @@ def main(argv) -> None:
     if FLAGS.mode == "train":
         if FLAGS.config is None:
             raise app.UsageError("--config is required to train, e.g. --config=configs/demo.py")
-        from eflow_jax import train
+        from eflow_jax import rundir, train
 
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        try:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except rundir.RunError as e:  # Its message says what to do; a traceback would bury it.
+            raise SystemExit(f"error: {e}") from None
         return
 
     from eflow_jax import sample, sharding

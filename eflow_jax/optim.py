@@ -18,6 +18,19 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Settings that cannot train, named with their fix (before anything compiles)."""
+    if not cfg.lr > 0:
+        raise ValueError(f"optim.lr={cfg.lr}: the learning rate must be > 0 (e.g. --config.optim.lr=1e-4).")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose 'constant' or 'cosine'.")
+    if cfg.warmup_steps < 0 or cfg.grad_clip < 0:
+        raise ValueError(f"optim.warmup_steps={cfg.warmup_steps}, optim.grad_clip={cfg.grad_clip}: both must "
+                         f"be >= 0 (0 turns them off).")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay={cfg.ema_decay}: it must be in [0, 1) (e.g. 0.9999).")
+
+
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":

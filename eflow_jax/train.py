@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -15,21 +17,33 @@ import ml_collections
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, loop, monitor, optim, sample, sharding, writers
+from eflow_jax import checkpoint, loop, monitor, optim, rundir, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
 from eflow_jax.models import dit
 
 
-class NonFiniteError(RuntimeError):
+# The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteError(rundir.RunError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is left in place."""
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> None:
-    """Config errors before anything compiles, each naming the field to change."""
+    """Config errors before the workdir is touched or anything compiles, each naming the field to change."""
+    for field in ("total_steps", "checkpoint.save_every", "checkpoint.keep_last", "log.every_steps"):
+        value = functools.reduce(getattr, field.split("."), config)
+        if value < 1:
+            raise ValueError(f"{field}={value}: it must be >= 1; set --config.{field} to a positive number.")
+    if config.checkpoint.restore_step < -1:
+        raise ValueError(f"checkpoint.restore_step={config.checkpoint.restore_step}: use -1 (the latest "
+                         f"checkpoint) or a committed step of the workdir.")
     dit.layout_of(config.model)
     objectives.validate_config(config.objective)
+    optim.validate_config(config.optim)
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
@@ -160,13 +174,25 @@ def _batch_spec(config, batch_sharding) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-    prog = setup(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    writer = writers.MetricWriter(workdir)
+    """Trains from the workdir's latest checkpoint (or init_from, or scratch) to config.total_steps.
 
+    Bad input raises a one-line `rundir.RunError` before the workdir is touched; a second run on the
+    same workdir fails at once; stop signals (also during the compile) save and return; every exit
+    closes what was opened.
+    """
+    try:
+        validate(config, sharding.make_mesh(config.mesh))
+    except (ValueError, FileNotFoundError) as e:
+        raise rundir.ConfigError(str(e)) from e
+    rundir.check_model_config(workdir, config)
+    # Unwound in reverse on any exit: writers, checkpointer (awaits its save), signal handlers, lock.
+    with contextlib.ExitStack() as closing:
+        closing.enter_context(rundir.WorkdirLock(workdir, enabled=jax.process_index() == 0))
+        guard = closing.enter_context(checkpoint.PreemptionGuard(STOP_SIGNALS))
+        return _train(config, workdir, setup(config), guard, closing)
+
+
+def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitStack) -> state_lib.TrainState:
     # ---- Input: uint8 batches, put on the device ahead of the step that uses them ----
     data_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -177,13 +203,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         os.path.join(workdir, "ckpt"), save_every=config.checkpoint.save_every,
         keep_last=config.checkpoint.keep_last, keep_every=config.checkpoint.keep_every or None,
         async_save=config.checkpoint.async_save)
+    closing.callback(ckpt.close)
     state, start_step, source = checkpoint.restore_or_init(
         ckpt, prog.abstract_state, lambda: prog.init_state(config.seed),
-        data_iter, init_from=config.checkpoint.init_from or None)
+        data_iter, init_from=config.checkpoint.init_from or None,
+        restore_step=None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step)
     logging.info("starting at step %d (%s)", start_step, source)
+    # Only now does this run own the workdir's record: a failed restore leaves the old one as it was.
+    if jax.process_index() == 0:
+        rundir.write_config_snapshot(workdir, config)
+        rundir.trim_metrics(workdir, start_step)
+    writer = writers.MetricWriter(workdir)
+    closing.callback(writer.close)
     # Wrapped after the restore: the prefetcher reads ahead from the restored position.
     batches = loop.DevicePrefetcher(data_iter, lambda b: sharding.to_global_batch(b, prog.mesh),
                                     size=config.train.device_prefetch)
+    closing.enter_context(contextlib.closing(batches))
 
     peak = writers.peak_flops_per_device()
     quality = monitor.QualityMonitor(config, prog.net, prog.mesh)
@@ -205,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     last_good, window_start, step = ckpt.latest_step(), start_step, start_step
     # The first logged row also says how long the step took to compile, and if the cache had it.
     startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s, compile_cache_hit=float(prog.compile_cache_hit))
-    with checkpoint.PreemptionGuard() as guard, contextlib.closing(batches):
+    # A stop signal during setup or the compile: leave before step one (nothing new to save).
+    if not guard.should_stop(start_step):
         for step in range(start_step + 1, config.total_steps + 1):
             if config.log.profile_start and step == config.log.profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -225,7 +261,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 with clock.wait("device"):
                     bad = sums.first_nonfinite()
                 if bad is not None and not config.train.skip_nonfinite:
-                    ckpt.close()
                     raise NonFiniteError(
                         f"non-finite loss or gradient at step {window_start + 1 + bad}; the last good "
                         f"checkpoint is step {last_good} in {ckpt.directory}. Lower optim.lr, set "
@@ -249,17 +284,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                 clock.reset()
             if must_save and ckpt.save(step, state, batches, force=is_last or stop_here):
                 last_good = step
+            if stop_here:
+                ckpt.wait()  # Committed before anything else runs or the job's grace period ends.
+                logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)
+                break
             if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
                 write_samples(step)
             if quality.gauge_due(step, is_last):
                 quality.log_gauge(step, state.ema_params, writer)
-            if stop_here:
-                logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)
-                break
-    ckpt.close()
+    ckpt.wait()
     if step == config.total_steps and config.log.sample_steps:
         write_samples(step)
-    writer.close()
     return state
 
 

@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 # Dense bf16 peak per chip, for MFU. Unknown chips report MFU as null.
 PEAK_FLOPS = {
@@ -58,6 +59,13 @@ class MetricWriter:
             self._tb.add_text(tag, text, 0)
 
     def close(self) -> None:
-        if self.enabled:
+        """Flushes and closes; a failed flush (disk full) is one warning, so it cannot hide the error
+        that ended the run (close runs in the train loop's `finally`)."""
+        if not self.enabled:
+            return
+        try:
             self._tb.close()
+        except OSError as e:
+            logging.warning("could not flush the TensorBoard events in %s: %s", self._tb.logdir, e)
+        finally:
             self._jsonl.close()

@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, resharding, retention, kill -9, preemption, init_from."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -18,7 +19,13 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eflow_jax.checkpoint import Checkpointer, PreemptionGuard, restore_or_init, restore_params
+from eflow_jax.checkpoint import (
+    CheckpointError,
+    Checkpointer,
+    PreemptionGuard,
+    restore_or_init,
+    restore_params,
+)
 
 logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
 
@@ -338,3 +345,74 @@ def test_restore_params_is_quiet_about_the_data_iterator_item(tmp_path, caplog):
         ema = restore_params(tmp_path, _abstract(state.params, _mesh(1, 8)))
     _assert_bitwise_equal(ema, state.ema_params)
     assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]
+
+
+def test_repeated_sigterm_is_ignored_and_a_second_sigint_quits_at_once():
+    """timeout/SLURM may send TERM twice: the repeat must not kill a save. Ctrl-C twice must quit."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not under `&`
+    with PreemptionGuard((signal.SIGTERM, signal.SIGINT)) as guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # would kill this process if it were not ignored
+        assert guard.should_stop(1)
+        assert signal.getsignal(signal.SIGINT) == guard._handle
+        os.kill(os.getpid(), signal.SIGINT)  # the first one saves and stops, no KeyboardInterrupt
+        # The next SIGINT is the OS default (immediate exit), not Python's KeyboardInterrupt, which
+        # would wait for the main thread to leave a C call such as a compile.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job (`cmd &`): Ctrl-C is not for it
+    with PreemptionGuard((signal.SIGTERM, signal.SIGINT)):
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, previous)
+
+
+def _small_ckpt(directory, steps):
+    with Checkpointer(directory, save_every=1) as ckpt:
+        for step in steps:
+            ckpt.save(step, {"w": jnp.full(1000, float(step))})
+
+
+def _abstract_w():
+    return {"w": jax.ShapeDtypeStruct((1000,), jnp.float32, sharding=NamedSharding(_mesh(8, 1), P()))}
+
+
+def test_corrupt_latest_checkpoint_names_the_step_and_restore_step_resumes_before_it(tmp_path):
+    _small_ckpt(tmp_path, [1, 2, 3])
+    data = tmp_path / "3" / "state" / "d"
+    for name in os.listdir(data):  # half of every array file of step 3 is lost
+        os.truncate(data / name, os.path.getsize(data / name) // 2)
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    with pytest.raises(CheckpointError) as err:
+        restore_or_init(ckpt, _abstract_w(), lambda: None)
+    message = str(err.value)
+    assert message.startswith(f"cannot restore step 3 from {tmp_path} (")
+    assert "--config.checkpoint.restore_step=2" in message and "\n" not in message and len(message) < 700
+    with pytest.raises(CheckpointError, match=r"restore_step=5 is not a committed step .*\[1, 2, 3\]"):
+        restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=5)
+
+    state, start, source = restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=2)
+    assert (start, source) == (2, "workdir")
+    np.testing.assert_array_equal(state["w"], np.full(1000, 2.0))
+    assert ckpt.all_steps() == [1, 2] and ckpt.should_save(3)  # step 3 no longer shadows new saves
+    assert len(os.listdir(f"{tmp_path}.set_aside")) == 1  # moved, not deleted
+    ckpt.close()
+
+
+def test_save_errors_are_one_line_with_the_step_and_the_os_error(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    assert ckpt.save(1, {"w": jnp.ones(4)})
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("orbax wrapper") from OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", disk_full)
+    with pytest.raises(CheckpointError) as err:  # an async write fails: reported when awaited
+        ckpt.wait()
+    assert str(err.value) == (f"saving step 1 to {tmp_path} failed: OSError: [Errno 28] No space left on device: "
+                              f"'{tmp_path}'; free space or fix the directory's permissions, then rerun: it "
+                              f"resumes from step 1.")
+    monkeypatch.undo()
+    monkeypatch.setattr(ckpt._manager, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"^saving step 2 to .* No space left on device"):
+        ckpt.save(2, {"w": jnp.ones(4)})
+    ckpt.close()

@@ -81,6 +81,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mva.split={c.mva.split!r}; use 'uniform' or 'half'.")
     if c.mva.weighting not in br.MVA_WEIGHTINGS:
         raise ValueError(f"mva.weighting={c.mva.weighting!r}; use one of {br.MVA_WEIGHTINGS}.")
+    if not 0.0 <= c.label_drop <= 1.0:
+        raise ValueError(f"objective.label_drop={c.label_drop}: it is a probability; set it in [0, 1] (0.1 is "
+                         f"SoFlow's).")
     if not 0.0 <= c.velocity_ratio <= 1.0 or not 0.0 <= c.weak_ratio < 1.0:
         raise ValueError("velocity_ratio must be in [0, 1] and weak_ratio in [0, 1).")
     if c.name == "flow_matching":

@@ -1,0 +1,177 @@
+"""One run per workdir: the lock, the model-config check, config snapshots, metrics on resume.
+
+    check_model_config(workdir, config)       # read-only: before anything is written
+    with WorkdirLock(workdir):                 # a second run on the same workdir fails at once
+        ... restore ...
+        write_config_snapshot(workdir, config) # only after the restore succeeded
+        trim_metrics(workdir, start_step)      # rows of steps the checkpoint does not have
+
+Only process 0 of a multi-process run takes the lock and writes files; every process runs the
+read-only check, so all of them fail together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+
+from absl import logging
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+# Implementation choices that compute the same function from the same parameters: a run may
+# resume with other values (e.g. another attention kernel on another machine).
+RUNTIME_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
+
+
+class RunError(RuntimeError):
+    """A failure the user fixes from its one-line message; the CLI prints only the message."""
+
+
+class ConfigError(RunError, ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+class WorkdirLock:
+    """An exclusive flock on workdir/.lock, released on any exit (the OS drops it with the process).
+
+    Args:
+      workdir: the run directory (created if missing).
+      enabled: False on processes other than 0 (they share process 0's workdir).
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self._workdir = workdir
+        self._enabled = enabled
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        if not self._enabled:
+            return self
+        os.makedirs(self._workdir, exist_ok=True)
+        # No O_TRUNC: a failed attempt must not erase the holder's pid and host.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunError(f"workdir {self._workdir} is in use by {holder}; wait for that run to end or stop it "
+                           f"(the lock goes with its process), or use another --workdir.") from None
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock; the file stays (deleting it would race a new run)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on host {info['host']} (since {info['since']})"
+    except (ValueError, KeyError, OSError):
+        return "another process (its pid is not written yet)"
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def model_diff(saved: dict, current: dict) -> list[str]:
+    """'model.field: saved -> current' for every differing field (JSON forms, so tuples == lists)."""
+    a, b = _flatten(saved, "model."), _flatten(current, "model.")
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[1] not in RUNTIME_MODEL_FIELDS)
+    missing = "<absent>"
+    return [f"{k}: {a.get(k, missing)} -> {b.get(k, missing)}" for k in keys if a.get(k, missing) != b.get(k, missing)]
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether workdir/ckpt holds a committed step (orbax names those by the bare step number)."""
+    ckpt = os.path.join(workdir, "ckpt")
+    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def check_model_config(workdir: str, config) -> None:
+    """Fails, touching nothing, if the workdir's checkpoints were trained with another model config.
+
+    Compared against the `model` section of the workdir's config.json, which is only written after a
+    successful restore, so it is the config of the run the checkpoints came from.
+    """
+    path = os.path.join(workdir, CONFIG_NAME)
+    if not (has_checkpoint(workdir) and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("model", {})
+    diff = model_diff(saved, json.loads(config.model.to_json()))
+    if diff:
+        raise ConfigError(f"this workdir was trained with another model config: {'; '.join(diff)}; "
+                          f"use a new --workdir (or checkpoint.init_from={os.path.join(workdir, 'ckpt')} "
+                          f"there to start from its weights).")
+
+
+def write_config_snapshot(workdir: str, config) -> str:
+    """Writes config.json; a different previous one is kept as config.<n>.json (n = 1, 2, ...)."""
+    path = os.path.join(workdir, CONFIG_NAME)
+    text = config.to_json(indent=2)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return path
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+            n += 1
+        os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+    _write_atomically(path, text)
+    return path
+
+
+def trim_metrics(workdir: str, step: int) -> int:
+    """Drops metrics.jsonl rows past `step` (logged by a run that died before saving them).
+
+    The resumed run logs those steps again; keeping both would repeat them. Returns the rows dropped.
+    """
+    path = os.path.join(workdir, METRICS_NAME)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    _write_atomically(path, "".join(kept))
+    dropped = len(lines) - len(kept)
+    logging.warning("dropped %d rows past the restored step %d from %s (logged after the last save).",
+                    dropped, step, path)
+    return dropped
+
+
+def _row_step(line: str) -> int | None:
+    try:  # A row cut short by a kill does not parse: it is dropped too.
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
