@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -25,22 +26,28 @@ from jax.experimental.compilation_cache import compilation_cache
 
 
 class DevicePrefetcher:
-    """Iterates over device batches `size` ahead of the consumer, put by a background thread.
+    """Iterates over device batches `size` ahead of the consumer.
 
-    The host -> device copy of batch i+1 (and grain's work on it) overlaps step i instead of sitting
-    between steps. The thread runs ahead of training, so `get_state` reports the grain position
-    recorded right after the last batch the loop received: a checkpoint resumes with the next batch
-    the model has not seen. Restore into `host_iter` before wrapping it.
+    A background thread runs the host pipeline (grain's next(), decoding) ahead into a queue; the
+    host -> device copies are issued from the consumer's thread, `size` batches ahead, right before
+    it dispatches a step, so they overlap the step (device_put is asynchronous). No other thread
+    touches the device: XLA captures CUDA graphs (cuDNN attention) on an executable's first run,
+    and a transfer issued from another thread during that capture fails it ("capturing stream has
+    unjoined work", seen on an H200). `get_state` reports the grain position recorded right after
+    the last batch the loop received: a checkpoint resumes with the next batch the model has not
+    seen. Restore into `host_iter` before wrapping it.
 
     Args:
       host_iter: a grain DatasetIterator (next() -> per-process numpy batch, get_state() -> dict).
       put: per-process numpy batch -> device batch (e.g. sharding.to_global_batch on the mesh).
-      size: batches in flight on the device besides the one the step uses.
+      size: batches in flight on the device besides the one the step uses (also how many host
+        batches the thread prepares ahead).
     """
 
     def __init__(self, host_iter, put: Callable[[Any], Any], size: int = 2):
-        self._host_iter, self._put = host_iter, put
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._host_iter, self._put, self._size = host_iter, put, max(1, size)
+        self._queue: queue.Queue = queue.Queue(maxsize=self._size)
+        self._on_device: collections.deque = collections.deque()
         self._state = host_iter.get_state()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,8 +55,7 @@ class DevicePrefetcher:
     def _fill(self) -> None:
         try:
             while not self._stop.is_set():
-                batch = next(self._host_iter)
-                item = (self._put(batch), self._host_iter.get_state())
+                item = (next(self._host_iter), self._host_iter.get_state())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -62,16 +68,32 @@ class DevicePrefetcher:
     def __iter__(self) -> Iterator:
         return self
 
-    def __next__(self):
-        if self._thread is None:  # Started lazily: nothing runs ahead before the loop asks.
-            self._thread = threading.Thread(target=self._fill, name="device_prefetch", daemon=True)
-            self._thread.start()
+    def _take_host(self):
         item = self._queue.get()
         if isinstance(item, _Raised):
             self._queue.put(item)  # Every later next() raises too.
             raise item.error
-        batch, self._state = item
-        return batch
+        return item
+
+    def __next__(self):
+        if self._thread is None:  # Started lazily: nothing runs ahead before the loop asks.
+            self._thread = threading.Thread(target=self._fill, name="host_prefetch", daemon=True)
+            self._thread.start()
+        if not self._on_device:
+            batch, state = self._take_host()
+            self._on_device.append((self._put(batch), state))
+        out, self._state = self._on_device.popleft()
+        while len(self._on_device) < self._size:  # Copies start now and overlap the coming step.
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Raised):  # Raised when the loop gets there, not a batch early.
+                self._queue.put(item)
+                break
+            batch, state = item
+            self._on_device.append((self._put(batch), state))
+        return out
 
     def get_state(self) -> bytes:
         """The host iterator's state after the last consumed batch, as grain's checkpoint handler
@@ -81,6 +103,7 @@ class DevicePrefetcher:
     def close(self) -> None:
         """Stops the thread, then closes the host iterator (its state stays readable)."""
         self._stop.set()
+        self._on_device.clear()
         if self._thread is not None:
             while True:  # Unblock a producer waiting on a full queue.
                 try:

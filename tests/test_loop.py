@@ -85,6 +85,7 @@ def test_bench_times_the_program_the_cli_runs(tmp_path, monkeypatch):
     setup = train.setup
     monkeypatch.setattr(train, "setup", lambda c: programs.append(setup(c)) or programs[-1])
     c = demo.get_config(f"steps=1,{TEST_CONFIG}")
+    c.train.compile_cache_dir = ""  # Both compile fresh: a cache hit's text can differ from a fresh compile's.
     train.train_and_evaluate(c, str(tmp_path))
     bench_train.time_train_step(c, iters=1)
     assert len(programs) == 2
