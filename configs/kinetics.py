@@ -21,11 +21,10 @@ def get_config(arg=None):
     c.data.update(source="arrayrecord", path="/data/kinetics700_17x128", num_classes=700,
                   num_frames=16, resolution=128, worker_count=8)
     c.model.update(num_classes=700, video_shape=(16, 128, 128, 3), patch=(2, 8, 8), tile=(4, 4, 4),
-                   cell=(2, 4, 4), drop_group=(1, 2, 2),
-                   # One scanned body per block stack: the same losses, half the HLO and ~1/3 less
-                   # compile time (bench/compile.py). Checkpoints of runs started without it have
-                   # block_0..N params: resume those with --config.model.scan_layers=False.
-                   scan_layers=True)
+                   cell=(2, 4, 4), drop_group=(1, 2, 2))
+    # model.scan_layers=True gives the same losses with half the HLO and ~1/3 less compile time on CPU
+    # (docs/BENCHMARKS.md), but its GPU step time is unmeasured and it stores the blocks' params in
+    # another layout (a run cannot switch mid-way), so it stays opt-in for now.
     if a.data == "latents":  # 17x256^2 through a 4x8x8, 16-channel VAE: 5x32x32x16 latents.
         c.data.update(source="latents", path="/data/kinetics700_latents", num_frames=5,
                       resolution=32, channels=16)
