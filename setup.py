@@ -1,7 +1,7 @@
 """eflow_jax: few-step video generation trained from scratch with EFlow, in JAX."""
 import setuptools
 
-# Pinned to the set checked together in shared/ENV.md (jax 0.11.2 needs Python >= 3.12).
+# Pinned to a set checked together (pip check clean); jax 0.11.2 needs Python >= 3.12.
 CORE = [
     "jax==0.11.2",
     "jaxlib==0.11.2",
@@ -17,6 +17,7 @@ CORE = [
     "tensorboardX",  # TensorBoard events without TensorFlow (clu's writers import TF).
     "av",  # PyAV: decode real videos, write mp4/gif samples.
     "pillow",  # tensorboardX encodes the sample strips it logs as PNG through PIL.
+    "filelock",  # jax's compilation cache locks its entries with it (loop.configure_compile_cache).
 ]
 
 setuptools.setup(

@@ -240,6 +240,9 @@ def default_compile_cache_dir() -> str:
     return os.path.join(base, "eflow_jax", "xla")
 
 
+COMPILE_CACHE_MAX_BYTES = 32 * 2**30  # Least recently used entries go first past this size.
+
+
 def configure_compile_cache(path: str) -> str:
     """Turns jax's persistent compilation cache on at `path` ('auto': the default, '': off).
 
@@ -254,6 +257,10 @@ def configure_compile_cache(path: str) -> str:
     if path:
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)
+        # Without a size limit jax writes entries in place with no lock, so two runs sharing the
+        # directory (a sweep on one host) could read a half-written executable. A limit turns on its
+        # LRU mode, which takes a file lock around every read and write.
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     jax.config.update("jax_enable_compilation_cache", bool(path))
     if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) != before:
         compilation_cache.reset_cache()
