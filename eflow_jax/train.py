@@ -51,6 +51,10 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes.")
     objectives.split_sizes(config.objective, config.batch_size)
+    if config.objective.dense_finetune_frac > 0 and drop_ratio(config, dense=False) == 0:
+        raise ValueError(f"objective.dense_finetune_frac={config.objective.dense_finetune_frac} but the model drops "
+                         f"no tokens (model.keep_per_group={config.model.keep_per_group} of drop_group "
+                         f"{tuple(config.model.drop_group)}); set dense_finetune_frac=0 or keep fewer tokens.")
     t, h, w, c = config.model.video_shape
     if config.data.num_classes != config.model.num_classes:
         raise ValueError(f"data.num_classes={config.data.num_classes} != model.num_classes="
@@ -68,8 +72,18 @@ def to_model_input(video: jax.Array) -> jax.Array:
     return video.astype(jnp.float32)
 
 
-def make_train_step(config, net, tx, loss_fn):
-    """One update: objective, grads, optimizer, EMA, norms, non-finite guard; pure in (state, batch)."""
+def drop_ratio(config, dense: bool) -> float:
+    """The share of tokens the middle skips in the token-dropped (dense=False) or dense-fine-tune phase."""
+    if dense or not config.objective.token_drop:
+        return 0.0
+    return dit.layout_of(config.model).drop_ratio
+
+
+def make_train_step(config, net, tx, loss_fn, drop_ratio: float = 0.0):
+    """One update: objective, grads, optimizer, EMA, norms, non-finite guard; pure in (state, batch).
+
+    drop_ratio is only logged (metric `drop_ratio`: which phase of the run the step belongs to).
+    """
 
     def train_step(state: state_lib.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -93,16 +107,19 @@ def make_train_step(config, net, tx, loss_fn):
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
+                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates),
+                       drop_ratio=jnp.float32(drop_ratio))
         return new_state, metrics
 
     return train_step
 
 
-def train_flops_per_step(config) -> float:
-    """Forward+backward FLOPs of one step from the cost model (for TFLOP/s and MFU)."""
+def train_flops_per_step(config, dense: bool = False) -> float:
+    """Forward+backward FLOPs of one step from the cost model (for TFLOP/s and MFU), in the
+    token-dropped phase or (dense=True) the dense fine-tune."""
     flops = dit.count_flops(config.model).as_dict()
-    fe = cost.forward_equivalents(config.objective, flops, config.batch_size, config.model.decoupled)
+    obj = objectives.dense_phase(config.objective) if dense else config.objective
+    fe = cost.forward_equivalents(obj, flops, config.batch_size, config.model.decoupled)
     return fe["flops_per_example"] * config.batch_size
 
 
@@ -121,10 +138,31 @@ class Program:
     compile_s: float  # Trace + lower + compile (or load from the persistent cache).
     lower_s: float
     compile_cache_hit: bool  # The step came out of the persistent compilation cache.
-    flops_per_step: float
+    flops_per_step: float  # Of `step` (the token-dropped phase when there is a dense fine-tune).
+    # SPRINT's dense fine-tune (objective.dense_finetune_frac): loop steps > dense_from run the dense program,
+    # compiled lazily by the first step_for past the switch. Lazily: runs that stop (or are preempted)
+    # before the switch never pay its compile; at the switch it costs one compile (cached across restarts).
+    dense_from: int = 0  # = total_steps when there is no dense phase.
+    dense_flops_per_step: float = 0.0
+    compile_dense: Any = None  # () -> compiled dense step; None without a dense phase.
+    _compiled: dict = dataclasses.field(default_factory=dict)
 
     def init_state(self, seed: int) -> state_lib.TrainState:
         return state_lib.create_state(self.model, self.tx, self.mesh, seed, self.state_shardings)
+
+    def step_for(self, step: int):
+        """The compiled program of loop step `step` (1-based: the update that makes state.step == step)."""
+        if step <= self.dense_from or self.compile_dense is None:
+            return self.step
+        if "dense" not in self._compiled:
+            self._compiled["dense"] = self.compile_dense()
+        return self._compiled["dense"]
+
+    def mean_flops_per_step(self, after: int, upto: int) -> float:
+        """Mean FLOPs of loop steps after+1..upto (a log window may straddle the switch)."""
+        n = max(upto - after, 1)
+        dense = max(0, upto - max(after, self.dense_from)) if self.compile_dense else 0
+        return ((n - dense) * self.flops_per_step + dense * self.dense_flops_per_step) / n
 
 
 def setup(config: ml_collections.ConfigDict) -> Program:
@@ -140,28 +178,39 @@ def setup(config: ml_collections.ConfigDict) -> Program:
 
     model, net = dit.make_network(config.model)
     tx = optim.make_optimizer(config.optim, config.total_steps)
-    loss_fn = objectives.make_loss(config.objective, net, config.total_steps)
     abstract_state, state_shardings = state_lib.state_shardings(model, tx, mesh, config.seed)
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))
     logging.info("model %s: %.2fM params", config.model.variant, n_params / 1e6)
 
-    # One jit, explicit shardings, donated state; compiled ahead of time, once.
+    # One jit per phase, explicit shardings, donated state; compiled ahead of time, once each.
     batch_spec = _batch_spec(config, sharding.batch_sharding(mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(make_train_step(config, net, tx, loss_fn),
-                      in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, batch_spec)),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    hits, start = loop.cache_hits(), time.perf_counter()
-    lowered = step_fn.lower(abstract_state, batch_spec)
-    lower_s = time.perf_counter() - start  # Tracing + lowering: Python work the cache cannot skip.
-    compiled = lowered.compile()
-    compile_s, hit = time.perf_counter() - start, loop.cache_hits() > hits
-    logging.info("compiled the train step in %.1fs (%.1fs tracing and lowering)%s", compile_s, lower_s,
-                 ", XLA compile skipped: persistent cache hit" if hit else "")
-    if config.train.check_memory:
-        _log_memory(compiled)
+
+    def compile_step(dense: bool):
+        obj = objectives.dense_phase(config.objective) if dense else config.objective
+        loss_fn = objectives.make_loss(obj, net, config.total_steps)
+        step_fn = jax.jit(make_train_step(config, net, tx, loss_fn, drop_ratio(config, dense)),
+                          in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, batch_spec)),
+                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        hits, start = loop.cache_hits(), time.perf_counter()
+        lowered = step_fn.lower(abstract_state, batch_spec)
+        lower_s = time.perf_counter() - start  # Tracing + lowering: Python work the cache cannot skip.
+        compiled = lowered.compile()
+        compile_s, hit = time.perf_counter() - start, loop.cache_hits() > hits
+        logging.info("compiled the %s train step in %.1fs (%.1fs tracing and lowering)%s",
+                     "dense fine-tune" if dense else "first", compile_s, lower_s,
+                     ", XLA compile skipped: persistent cache hit" if hit else "")
+        if config.train.check_memory:
+            _log_memory(compiled)
+        return compiled, compile_s, lower_s, hit
+
+    compiled, compile_s, lower_s, hit = compile_step(dense=False)
+    dense_from = objectives.dense_from_step(config.objective, config.total_steps)
+    has_dense = dense_from < config.total_steps
     return Program(mesh, model, net, tx, abstract_state, state_shardings, batch_spec, compiled, compile_s,
-                   lower_s, hit, train_flops_per_step(config))
+                   lower_s, hit, train_flops_per_step(config), dense_from=dense_from,
+                   dense_flops_per_step=train_flops_per_step(config, dense=True),
+                   compile_dense=(lambda: compile_step(dense=True)[0]) if has_dense else None)
 
 
 def _batch_spec(config, batch_sharding) -> dict:
@@ -248,7 +297,7 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
             with clock.wait("data"):
                 batch = next(batches)
             with clock.wait("device"):  # Returns at once unless the device queue is full.
-                state, metrics = prog.step(state, batch)
+                state, metrics = prog.step_for(step)(state, batch)  # The dense fine-tune past the switch.
             sums.add(metrics)
             if config.log.profile_start and step == config.log.profile_start + config.log.profile_steps:
                 jax.profiler.stop_trace()
@@ -270,7 +319,7 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
                     values = sums.means()
                 values |= clock.fractions() | startup
                 values |= loop.throughput(step - window_start, clock.elapsed(), config.batch_size,
-                                          prog.flops_per_step, peak)
+                                          prog.mean_flops_per_step(window_start, step), peak)
                 values["lr"] = float(optim.learning_rate(config.optim, config.total_steps)(step))
                 values |= quality.probe(state.params)
                 writer.scalars(step, values)

@@ -16,7 +16,7 @@ def test_soflow_and_flow_matching_costs():
     sf = forward_equivalents(default_objective_config("solution_flow"), PAPER_FLOPS, 256)
     assert (sf["velocity"], sf["consistency"], sf["per_example"]) == (4.0, 6.0, 4.5)
     unguided = default_objective_config("solution_flow")
-    unguided.guidance = "none"
+    unguided.update(guidance="none", label_drop=0.0)  # SoFlow drops labels only when guiding.
     assert forward_equivalents(unguided, PAPER_FLOPS, 256)["per_example"] == pytest.approx(3.25)
     fm = forward_equivalents(default_objective_config("flow_matching"), PAPER_FLOPS, 256)
     assert fm["per_example"] == 3.0

@@ -160,9 +160,9 @@ def test_solution_flow_without_guidance_reduces_to_flow_matching(toy):
     rng = jax.random.PRNGKey(4)
     for adaptive in (True, False):
         fm = default_objective_config("flow_matching")
-        fm.adaptive_weight = adaptive
+        fm.update(adaptive_weight=adaptive, label_drop=0.0)
         sf = default_objective_config("solution_flow")
-        sf.update(guidance="none", velocity_ratio=1.0, adaptive_weight=adaptive)
+        sf.update(guidance="none", label_drop=0.0, velocity_ratio=1.0, adaptive_weight=adaptive)
         l_fm, _ = jax.jit(make_loss(fm, net, 100))(params, x0, y, rng, 3)
         l_sf, _ = jax.jit(make_loss(sf, net, 100))(params, x0, y, rng, 3)
         np.testing.assert_allclose(l_sf, l_fm, rtol=1e-6)
@@ -259,7 +259,7 @@ def test_time_samplers():
     dict(weak_label="cond"),
     dict(mva=dict(enabled=True, beta=0.5, split="half", snap_prob=0.1)),
     dict(interpolant="trig", time=dict(shift=3.0)),
-    dict(guidance="none", mva=dict(enabled=False)),
+    dict(guidance="none", label_drop=0.0, mva=dict(enabled=False)),
 ])
 def test_eflow_ablation_switches_trace(toy, overrides):
     """Every ablation switch builds a valid program (traced only, so this stays cheap)."""

@@ -54,7 +54,7 @@ def objective_config(objective: str, scale: float, p: float | None = TOY_P):
     c = default_objective_config(objective)
     c.guidance_scale = scale
     if scale == 1.0 and objective != "flow_matching":
-        c.guidance = "none"
+        c.guidance, c.label_drop = "none", 0.0  # SoFlow drops labels only for guidance.
     if p is not None and objective != "flow_matching":
         c.p = p
     return c

@@ -61,8 +61,9 @@ class Guidance(NamedTuple):
     mix: float = 1.0
     tau_d: float = 1.0
     k: float = 0.025
-    weak_label: str = "null"  # 'null' (SPRINT) or 'cond' (pure autoguidance ablation)
+    weak_label: str = "null"  # 'null' (SPRINT), 'cond' (pure autoguidance ablation) or 'independent'
     uncond_dropped: bool = False  # cfg ablation: run the unconditional pass token-dropped
+    weak_path: str = "drop_middle"  # or 'skip_half' (STG-style ablation): see Network.weak
 
 
 def per_sample_mse(delta: jax.Array) -> jax.Array:
@@ -92,8 +93,8 @@ def _reference(net: Network, params: Params, x_t, t, y, keep, g: Guidance) -> ja
     """The stop-gradient velocity that guidance pushes away from (unconditional or weak)."""
     if g.mode == "cfg":
         return guide.cfg_reference(net, params, x_t, t, keep if g.uncond_dropped else None)
-    label = y if g.weak_label == "cond" else None
-    return guide.path_drop_reference(net, params, x_t, t, label)
+    label = y if g.weak_label == "cond" else None  # 'independent' guides from null, like SPRINT's PDG
+    return guide.path_drop_reference(net, params, x_t, t, label, path=g.weak_path)
 
 
 def _target(net, params, x_t, v_t, v_pred, t, y, uncond, keep, g: Guidance) -> jax.Array:
@@ -138,11 +139,21 @@ def velocity_branch(
 def weak_branch(
     params: Params, net: Network, b: VelocityBatch, *, p: float, eps: float,
     adaptive: bool = True, interpolant: str = "linear", weak_label: str = "null",
+    weak_path: str = "drop_middle",
 ) -> tuple[jax.Array, Metrics]:
-    """Trains the weak path: graded F^weak(x_t, t, t, null) vs the unguided v_t (PDG, section 5)."""
+    """Trains the weak path: graded F^weak(x_t, t, t, null) vs the unguided v_t (PDG, section 5).
+
+    weak_label: 'null' always the null label; 'cond' always b.y; 'independent' b.y with the null
+    label where b.uncond_mask (a label drop drawn independently of the path drop, as SPRINT).
+    """
     x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
-    label = b.y if weak_label == "cond" else jnp.full(b.t.shape, net.null_label, jnp.int32)
-    v_pred = net.weak(params, x_t, b.t, label)
+    if weak_label == "cond":
+        label = b.y.astype(jnp.int32)
+    elif weak_label == "independent":
+        label = labels_in(b.y, b.uncond_mask, net.null_label)
+    else:
+        label = jnp.full(b.t.shape, net.null_label, jnp.int32)
+    v_pred = net.weak(params, x_t, b.t, label, path=weak_path)
     loss, mse, weight = velocity_loss(v_pred, v_t, b.t, p, eps, adaptive)
     return loss, {"weak_mse": mse.mean(), "weak_weight": weight.mean(), "weak_loss": loss.mean()}
 

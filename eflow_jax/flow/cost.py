@@ -13,6 +13,9 @@ q = a query at another s from a shared trunk: decoder/full when decoupled, else 
                   weak        3 c_w
                   consistency [ref] + [q mix] + 3 c_d + c_d target + [q + c_d MVA] (+ 3q FM)
 Brackets are present only when the switch is on (guidance active, mix != 1, MVA, fm_on_con).
+With objective.weak_path='skip_half' the weak pass costs 'weak_half' (every other middle block)
+instead of 'weak'. With a dense fine-tune (objective.dense_finetune_frac) the last steps run with
+c_d = 1: `run_forward_equivalents` gives each phase and their step-weighted mean.
 Element-wise work outside the network (interpolation, losses) is ignored.
 """
 
@@ -21,21 +24,24 @@ from __future__ import annotations
 import ml_collections
 
 from eflow_jax.flow.guidance import guidance_active
-from eflow_jax.flow.objectives import split_sizes, validate_config
+from eflow_jax.flow.objectives import dense_from_step, dense_phase, split_sizes, validate_config
 
 FLOP_KINDS = ("full", "dropped", "weak", "decoder")
 
 
-def pass_costs(flops: dict[str, float], token_drop: bool, decoupled: bool) -> dict[str, float]:
+def pass_costs(flops: dict[str, float], token_drop: bool, decoupled: bool,
+               weak_path: str = "drop_middle") -> dict[str, float]:
     """Forward cost of each kind of pass in units of the dense full forward."""
-    missing = [k for k in FLOP_KINDS if k not in flops]
+    weak_kind = "weak_half" if weak_path == "skip_half" else "weak"
+    missing = [k for k in (*FLOP_KINDS, weak_kind) if k not in flops]
     if missing or flops["full"] <= 0:
-        raise ValueError(f"flops needs positive {FLOP_KINDS}; missing {missing}.")
+        raise ValueError(f"flops needs positive {FLOP_KINDS} (and weak_half for weak_path='skip_half'); "
+                         f"missing {missing}.")
     full = float(flops["full"])
     c_d = flops["dropped"] / full if token_drop else 1.0
     return {
         "dropped": c_d,
-        "weak": flops["weak"] / full,
+        "weak": flops[weak_kind] / full,
         "decoder": flops["decoder"] / full,
         "query": flops["decoder"] / full if decoupled else c_d,
     }
@@ -48,14 +54,14 @@ def branch_costs(c: ml_collections.ConfigDict, flops: dict[str, float],
     guided = guidance_active(c.guidance, float(c.guidance_scale))
     mix_pass = guided and c.mix != 1.0 and not c.fm_on_con
     if c.name == "flow_matching":
-        pc = pass_costs(flops, c.token_drop, decoupled)
+        pc = pass_costs(flops, c.token_drop, decoupled)  # No weak pass.
         return {"velocity": 3.0 * pc["dropped"], "weak": 0.0, "consistency": 0.0}
     if c.name == "solution_flow":  # dense, every query a separate full pass
         ref = 1.0 if guided else 0.0
         fm = 3.0 if c.fm_on_con else 0.0
         return {"velocity": 3.0 + ref, "weak": 0.0,
                 "consistency": ref + (1.0 if mix_pass else 0.0) + 3.0 + 1.0 + fm}
-    pc = pass_costs(flops, c.token_drop, decoupled)
+    pc = pass_costs(flops, c.token_drop, decoupled, c.weak_path)
     c_d, q = pc["dropped"], pc["query"]
     if not guided:
         ref = 0.0
@@ -90,3 +96,17 @@ def forward_equivalents(c: ml_collections.ConfigDict, flops: dict[str, float], b
            + n_con * costs["consistency"]) / batch_size
     return dict(costs, n_full=n_full, n_weak=n_weak, n_consistency=n_con, per_example=avg,
                 flops_per_example=avg * float(flops["full"]))
+
+
+def run_forward_equivalents(c: ml_collections.ConfigDict, flops: dict[str, float], batch_size: int,
+                            total_steps: int, decoupled: bool = True) -> dict[str, float]:
+    """Both phases of a run with a dense fine-tune, and their step-weighted mean per example.
+
+    Returns dict with 'dropped_steps' (updates before the switch), 'per_example_dropped',
+    'per_example_dense' and 'per_example' (the mean over all total_steps), in F units.
+    """
+    switch = dense_from_step(c, total_steps)
+    drop = forward_equivalents(c, flops, batch_size, decoupled)["per_example"]
+    dense = forward_equivalents(dense_phase(c), flops, batch_size, decoupled)["per_example"]
+    mean = (switch * drop + (total_steps - switch) * dense) / total_steps
+    return dict(dropped_steps=switch, per_example_dropped=drop, per_example_dense=dense, per_example=mean)

@@ -83,12 +83,13 @@ def cfg_reference(
 
 
 def path_drop_reference(
-    net: Network, params: Params, x_t: jax.Array, t: jax.Array, label: jax.Array | None = None
+    net: Network, params: Params, x_t: jax.Array, t: jax.Array, label: jax.Array | None = None,
+    path: str = "drop_middle",
 ) -> jax.Array:
-    """sg F^weak(x_t, t, t, label) through the weak path; label None means the null label."""
+    """sg F^weak(x_t, t, t, label) through the weak path `path` (Network.weak); label None = null."""
     if label is None:
         label = jnp.full(t.shape, net.null_label, jnp.int32)
-    return jax.lax.stop_gradient(net.weak(params, x_t, t, label))
+    return jax.lax.stop_gradient(net.weak(params, x_t, t, label, path=path))
 
 
 def guidance_active(mode: str, scale: float) -> bool:

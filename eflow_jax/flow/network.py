@@ -22,6 +22,7 @@ import jax
 
 Params = Any
 Trunk = Any  # Opaque pytree returned by `encode`.
+WEAK_PATHS = ("drop_middle", "skip_half")
 Keep = Any  # int32 [B, n_keep] token ids kept by the drop mask, or None for all tokens.
 
 
@@ -31,7 +32,8 @@ class Network:
 
     Attributes:
       encode: (params, x, t, y, keep, weak) -> trunk. `keep` is the per-sample kept-token
-        ids (None = dense). `weak=True` skips the middle blocks (the Path-Drop weak path).
+        ids (None = dense). `weak=True` (or 'drop_middle') skips the middle blocks (the
+        Path-Drop weak path); weak='skip_half' runs every other middle block (STG-style).
       decode: (params, trunk, t, s, y) -> F with the shape of x.
       sample_keep: (rng, batch_size) -> keep, one structured random drop mask per sample;
         returns None when the network drops no tokens.
@@ -49,9 +51,16 @@ class Network:
         """F_theta(x, t, s, y) through the full path (token-dropped when keep is given)."""
         return self.decode(params, self.encode(params, x, t, y, keep, False), t, s, y)
 
-    def weak(self, params: Params, x, t, y) -> jax.Array:
-        """The weak velocity F^weak(x, t, t, y): middle blocks skipped, no token drop."""
-        return self.decode(params, self.encode(params, x, t, y, None, True), t, t, y)
+    def weak(self, params: Params, x, t, y, path: str = "drop_middle") -> jax.Array:
+        """The weak velocity F^weak(x, t, t, y), no token drop.
+
+        path: 'drop_middle' (middle output replaced by mu, SPRINT) or 'skip_half' (every other
+        middle block skipped, STG). Networks without blocks to skip treat both alike.
+        """
+        if path not in WEAK_PATHS:
+            raise ValueError(f"weak path {path!r}; use one of {WEAK_PATHS} (objective.weak_path).")
+        weak = True if path == "drop_middle" else path
+        return self.decode(params, self.encode(params, x, t, y, None, weak), t, t, y)
 
     def solution(self, params: Params, x, t, s, y, keep: Keep = None) -> jax.Array:
         """The solution map f(x, t, s) = x + (s - t) F(x, t, s)."""

@@ -27,11 +27,13 @@ import ml_collections
 
 from eflow_jax.flow import branches as br
 from eflow_jax.flow import guidance as guide
-from eflow_jax.flow import times
+from eflow_jax.flow import network, times
 from eflow_jax.flow.branches import ConsistencyBatch, Guidance, Metrics, VelocityBatch
 from eflow_jax.flow.network import Network, Params
 
 OBJECTIVES = ("flow_matching", "solution_flow", "eflow")
+WEAK_LABELS = ("null", "cond", "independent")
+WEAK_PATHS = network.WEAK_PATHS
 LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Metrics]]
 
 
@@ -50,7 +52,14 @@ def default_objective_config(name: str) -> ml_collections.ConfigDict:
     c.mix = 0.25  # target <- m * guided + (1 - m) * sg v_pred
     c.decay_tau = 0.8
     c.decay_k = 0.025
-    c.weak_label = "null"  # 'cond' = PDG with the conditional label (autoguidance ablation)
+    # Label of the weak sub-batch: 'null' (SPRINT: always the null label), 'cond' (PDG with the
+    # conditional label, autoguidance ablation), or 'independent' (keeps the class label, dropped
+    # with label_drop independently of the path drop, as SPRINT draws the two). The weak
+    # reference in guided targets uses the null label unless 'cond'.
+    c.weak_label = "null"
+    # 'drop_middle' (the middle replaced by mu) | 'skip_half' (STG-style: run every other middle
+    # block, ablation d of METHOD.md section 5).
+    c.weak_path = "drop_middle"
     c.cfg_uncond_dropped = False  # eflow + guidance='cfg': token-dropped unconditional pass
     c.adaptive_weight = name != "flow_matching"
     c.p = 1.0
@@ -67,6 +76,9 @@ def default_objective_config(name: str) -> ml_collections.ConfigDict:
         dict(enabled=name == "eflow", beta=1.0, split="uniform", snap_prob=0.0, weighting="consistency")
     )
     c.token_drop = name == "eflow"  # one net.sample_keep mask per sample
+    # SPRINT's full-token fine-tune: the last fraction of the steps trains dense (token_drop off);
+    # 0 = never. Inference is always dense. See dense_from_step.
+    c.dense_finetune_frac = 0.0
     c.fm_on_con = False  # also regress the velocity on consistency samples (free with a trunk)
     return c
 
@@ -96,9 +108,44 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             raise ValueError("solution_flow is SoFlow as published (dense, CFG target, no weak "
                              "sub-batch, no MVA); use objective 'eflow' for path-drop guidance, "
                              "weak_ratio, mva or token_drop.")
+    if c.weak_label not in WEAK_LABELS:
+        raise ValueError(f"objective.weak_label={c.weak_label!r}; use one of {WEAK_LABELS}.")
+    if c.weak_path not in WEAK_PATHS:
+        raise ValueError(f"objective.weak_path={c.weak_path!r}; use one of {WEAK_PATHS}.")
+    if not 0.0 <= c.dense_finetune_frac < 1.0:
+        raise ValueError(f"objective.dense_finetune_frac={c.dense_finetune_frac}: use a fraction in [0, 1) "
+                         f"(0 = no dense fine-tune; SPRINT uses ~0.1).")
+    if c.dense_finetune_frac > 0 and not c.token_drop:
+        raise ValueError("objective.dense_finetune_frac > 0 switches token drop off late in the run, but "
+                         "objective.token_drop=False never drops: set token_drop=True or "
+                         "dense_finetune_frac=0.")
+    # SoFlow draws the label-drop mask only when its guidance scale is above 1 and refuses a drop
+    # rate otherwise: unguided, dropped labels only train a null-label model nothing queries.
+    if (c.name != "flow_matching" and c.label_drop > 0
+            and not guide.guidance_active(c.guidance, float(c.guidance_scale))):
+        raise ValueError(f"objective.label_drop={c.label_drop} with guidance={c.guidance!r} (scale "
+                         f"{c.guidance_scale}): labels are dropped only for guided targets (SoFlow); set "
+                         f"objective.label_drop=0, or guidance 'cfg'/'path_drop' with guidance_scale > 1.")
     if c.name == "eflow" and c.guidance == "path_drop" and c.weak_ratio == 0.0:
         raise ValueError("path_drop guidance needs weak_ratio > 0, else the weak path that "
                          "builds the targets is never trained.")
+
+
+def dense_from_step(c: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Updates that run token-dropped before the dense fine-tune: step k (1-based) is dense iff k > this.
+
+    total_steps when dense_finetune_frac is 0 (or the objective never drops tokens).
+    """
+    if not c.token_drop or c.dense_finetune_frac <= 0:
+        return total_steps
+    return total_steps - int(round(c.dense_finetune_frac * total_steps))
+
+
+def dense_phase(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The objective of the dense fine-tune: the same settings with token drop off."""
+    dense = ml_collections.ConfigDict(c.to_dict())
+    dense.token_drop, dense.dense_finetune_frac = False, 0.0
+    return dense
 
 
 def split_sizes(c: ml_collections.ConfigDict, batch_size: int) -> tuple[int, int, int]:
@@ -127,7 +174,7 @@ def split_sizes(c: ml_collections.ConfigDict, batch_size: int) -> tuple[int, int
 def _guidance(c: ml_collections.ConfigDict) -> Guidance:
     return Guidance(mode=c.guidance, scale=float(c.guidance_scale), mix=float(c.mix),
                     tau_d=float(c.decay_tau), k=float(c.decay_k), weak_label=c.weak_label,
-                    uncond_dropped=bool(c.cfg_uncond_dropped))
+                    uncond_dropped=bool(c.cfg_uncond_dropped), weak_path=c.weak_path)
 
 
 def _combine(vel_losses: list[jax.Array], con_loss: jax.Array | None, metrics: Metrics,
@@ -188,7 +235,8 @@ def eflow_core(params: Params, net: Network, vel: VelocityBatch | None, weak: Ve
         metrics.update(m)
     if weak is not None:
         loss, m = br.weak_branch(params, net, weak, p=c.p, eps=c.eps, adaptive=c.adaptive_weight,
-                                 interpolant=c.interpolant, weak_label=c.weak_label)
+                                 interpolant=c.interpolant, weak_label=c.weak_label,
+                                 weak_path=c.weak_path)
         vel_losses.append(loss)
         metrics.update(m)
     if con is not None:
@@ -239,8 +287,10 @@ def make_loss(obj_cfg: ml_collections.ConfigDict, net: Network, total_steps: int
                                 uncond[:n_full], keep_for(k["keep_v"], n_full))
             if n_weak:
                 sl = slice(n_full, n_vel)
-                weak = VelocityBatch(x0[sl], eps[sl], t_v[n_full:], y[sl],
-                                     jnp.ones((n_weak,), bool))
+                # 'independent': the weak samples' own label draw (path drop and label drop are
+                # independent); else the mask is unused (weak_branch picks null or cond).
+                weak_uncond = uncond[sl] if c.weak_label == "independent" else jnp.ones((n_weak,), bool)
+                weak = VelocityBatch(x0[sl], eps[sl], t_v[n_full:], y[sl], weak_uncond)
         if n_con:
             t, s = times.sample_consistency_times(k["tc"], n_con, tc.s_mean, tc.s_std, tc.t_mean,
                                                   tc.t_std, tc.min_gap, tc.shift)

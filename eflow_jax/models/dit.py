@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eflow_jax.flow.network import Network
+from eflow_jax.flow.network import WEAK_PATHS, Network
 from eflow_jax.models import attention, tokens
 from eflow_jax.models.embed import LabelEmbed, TimeEmbed, rope_angles
 from eflow_jax.models.glga import GATES, GLOBAL_KINDS, MODES, Stack, TokenContext
@@ -96,28 +96,32 @@ class EFlowDiT(nn.Module):
 
     # ---- the two halves used by objectives ----
 
-    def encode(self, x, t, y, keep=None, weak: bool = False, s=None, context=None, path_drop=None):
+    def encode(self, x, t, y, keep=None, weak: bool | str = False, s=None, context=None, path_drop=None):
         """Trunk tokens for decoder queries at any s (decoupled), or the packed inputs (joint).
 
         Args:
           x: [B, T, H, W, C]; t: [B]; y: int32 [B].
           keep: int32 [B, n_keep] kept token ids (tokens.sample_keep) or None for all tokens.
-          weak: skip the middle blocks (the weak path of Path-Drop Guidance).
+          weak: False (full path), True or 'drop_middle' (the middle output replaced by mu: the
+            weak path of Path-Drop Guidance) or 'skip_half' (STG-style: only the even-indexed
+            middle blocks run, dense).
           s: only used with joint conditioning, where the trunk sees s.
           context: optional text context [B, L, context_dim].
           path_drop: optional bool [B]; True replaces that sample's middle output by mu
             (SPRINT's training-time path drop).
         """
+        weak = weak_kind(weak)
         if not self.config.decoupled and s is None:
             trunk = {"x": x, "t": t, "y": y, "keep": keep, "context": context, "path_drop": path_drop}
-            return trunk | ({"weak": jnp.zeros((0,))} if weak else {})
+            return trunk | ({f"weak_{weak}": jnp.zeros((0,))} if weak else {})  # The key carries the kind.
         c = self.t_embed(t) + self.y_embed(y) + (0 if s is None else self.d_embed(t - s))
         return {"h": self._trunk(x, c, keep, weak, context, path_drop), "context": context}
 
     def decode(self, trunk, t, s, y):
         """F_theta: the decoder blocks and final layer at query time s, [B, T, H, W, C] float32."""
         if "h" not in trunk:  # Joint conditioning: the whole network sees s.
-            trunk = self.encode(trunk["x"], t, trunk["y"], trunk["keep"], "weak" in trunk, s,
+            weak = next((k[len("weak_"):] for k in trunk if k.startswith("weak_")), False)
+            trunk = self.encode(trunk["x"], t, trunk["y"], trunk["keep"], weak, s,
                                 trunk["context"], trunk["path_drop"])
         c = self.t_embed(t) + self.y_embed(y) + self.d_embed(t - s)
         h = self.decoder(trunk["h"], c, self._context(None, h_dtype=trunk["h"].dtype), trunk["context"])
@@ -141,8 +145,10 @@ class EFlowDiT(nn.Module):
         dense = self._context(None, h.dtype)
         h_enc = self.encoder(h, c, dense, context)
         mu = jnp.broadcast_to(self.mask_token.astype(h.dtype), h.shape)
-        if weak:
+        if weak == "drop_middle":
             restored = mu
+        elif weak == "skip_half":  # Dense, like the other weak path.
+            restored = self.middle(h_enc, c, dense, context, only=half_of(self.middle.depth))
         elif keep is None:
             restored = self.middle(h_enc, c, dense, context)
         else:
@@ -163,7 +169,26 @@ class EFlowDiT(nn.Module):
             # Structured masks keep the same count in every tile (the mask's length / tiles).
             per_tile = keep.shape[1] // layout.num_tiles if self.config.structured_drop else 0
         angles = rope_angles(coords, self.width // self.heads)
-        return TokenContext(angles, cells, tiles, per_tile, layout.num_cells)
+        # Cells that are contiguous runs keep that under a structured drop (equal count per cell).
+        per_cell = 0
+        if layout.cells_contiguous() and (keep is None or self.config.structured_drop):
+            per_cell = (layout.num_tokens if keep is None else keep.shape[1]) // layout.num_cells
+        return TokenContext(angles, cells, tiles, per_tile, layout.num_cells, per_cell)
+
+
+def weak_kind(weak: bool | str) -> str | None:
+    """None (full path), 'drop_middle' (weak=True) or 'skip_half'."""
+    if weak is False or weak is None:
+        return None
+    kind = "drop_middle" if weak is True else weak
+    if kind not in WEAK_PATHS:
+        raise ValueError(f"weak={weak!r}; use False, True or one of {WEAK_PATHS} (objective.weak_path).")
+    return kind
+
+
+def half_of(depth: int) -> tuple[int, ...]:
+    """The middle blocks the STG-style weak path keeps: every other one, from the first."""
+    return tuple(range(0, depth, 2))
 
 
 def layout_of(cfg: ml_collections.ConfigDict) -> tokens.TokenLayout:
@@ -219,6 +244,7 @@ class FlopCount:
     decoder: float  # Decoder blocks + final layer only (a decoupled query at a new s).
     middle_dense: float
     middle_dropped: float
+    weak_half: float = 0.0  # STG-style weak path: every other middle block, dense.
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,19 +258,21 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
     patch_dim = math.prod(cfg.patch) * cfg.video_shape[-1]
     hidden = swiglu_hidden(width, cfg.mlp_ratio)
 
-    def block(tokens_in: int, per_tile: int) -> float:
+    def block(tokens_in: int, per_tile: int, per_cell: int) -> float:
+        """per_tile / per_cell 0: ragged tiles (masked attention over all present tokens) / cells
+        pooled by a one-hot matmul; else reshapes (GLGA._local, GLGA._global)."""
         linear = 2 * tokens_in * width * (3 * width + width + 3 * hidden)
         if cfg.mode == "full":
             attn = 4 * tokens_in * tokens_in * width
         else:
             attn = 0.0
             if cfg.mode in ("glga", "local_only"):
-                attn += 4 * tokens_in * per_tile * width
+                attn += 4 * tokens_in * (per_tile or tokens_in) * width
             if cfg.mode in ("glga", "global_only"):
                 if cfg.global_kind == "full":
                     attn += 4 * tokens_in * tokens_in * width
-                else:  # Pooling by one-hot matmul (k and v) + attention to the cells.
-                    attn += 2 * 2 * tokens_in * layout.num_cells * width
+                else:  # Pooling (k and v) + attention to the cells.
+                    attn += 2 * tokens_in * width if per_cell else 2 * 2 * tokens_in * layout.num_cells * width
                     attn += 4 * tokens_in * layout.num_cells * width
             if cfg.mode == "glga" and cfg.gate != "none":
                 attn += 2 * tokens_in * width * 2 * heads
@@ -256,7 +284,12 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
     embed = 2 * n * patch_dim * width + 4 * 2 * (256 * width + width * width)
     fuse = 2 * n * 2 * width * width
     final = 2 * n * width * patch_dim + 2 * width * 2 * width
-    dense_block, dropped_block = block(n, layout.tile_size), block(keep, kept_tile)
+    contiguous = layout.cells_contiguous()
+    dense_block = block(n, layout.tile_size, math.prod(cfg.cell) if contiguous else 0)
+    if cfg.structured_drop:
+        dropped_block = block(keep, kept_tile, keep // layout.num_cells if contiguous else 0)
+    else:  # Ragged tiles and cells: masked n_keep^2 local attention, one-hot pooling (GLGA).
+        dropped_block = block(keep, 0, 0)
     enc, dec = n_enc * dense_block, n_dec * dense_block + final
     mid_dense, mid_dropped = n_mid * dense_block, n_mid * dropped_block
     return FlopCount(
@@ -266,4 +299,5 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
         decoder=dec,
         middle_dense=mid_dense,
         middle_dropped=mid_dropped,
+        weak_half=embed + enc + len(half_of(n_mid)) * dense_block + fuse + dec,
     )

@@ -35,6 +35,8 @@ class TokenContext:
       tokens_per_tile: tokens of each tile, present in this pass (equal for every tile),
         or 0 when tiles are ragged (unstructured drop): then local attention is masked.
       num_cells: number of pooling cells on the full grid.
+      tokens_per_cell: present tokens of each cell when every cell is one contiguous run of that
+        many tokens (pooling is then a reshape-mean), or 0: pooling by a one-hot matmul.
     """
 
     angles: jax.Array
@@ -42,6 +44,7 @@ class TokenContext:
     tile_ids: jax.Array
     tokens_per_tile: int = flax.struct.field(pytree_node=False)
     num_cells: int = flax.struct.field(pytree_node=False)
+    tokens_per_cell: int = flax.struct.field(pytree_node=False, default=0)
 
 
 class GLGA(nn.Module):
@@ -91,12 +94,10 @@ class GLGA(nn.Module):
         if self.global_kind == "full":
             return attend(q, k, v, implementation=self.implementation)
         # Summary keys/values: mean of the present post-RoPE keys/values of each cell.
-        cells = jnp.broadcast_to(ctx.cell_ids, q.shape[:2])
-        onehot = jax.nn.one_hot(cells, ctx.num_cells, dtype=q.dtype)  # [B, n, C]
-        counts = jnp.sum(onehot.astype(jnp.float32), axis=1)  # [B, C]
-        inv = (1.0 / jnp.maximum(counts, 1.0)).astype(q.dtype)[:, :, None, None]
-        k_bar = jnp.einsum("bnc,bnhd->bchd", onehot, k) * inv
-        v_bar = jnp.einsum("bnc,bnhd->bchd", onehot, v) * inv
+        if ctx.tokens_per_cell:
+            k_bar, v_bar = pool_cells(k, ctx.tokens_per_cell), pool_cells(v, ctx.tokens_per_cell)
+            return attend(q, k_bar, v_bar, implementation=self.implementation)
+        k_bar, v_bar, counts = pool_cells_onehot(k, v, ctx.cell_ids, ctx.num_cells)
         if ctx.tokens_per_tile == 0:  # Unstructured drop can empty a cell: never attend to it.
             mask = jnp.broadcast_to((counts > 0)[:, None, None, :], (q.shape[0], 1, q.shape[1], counts.shape[1]))
             return attend(q, k_bar, v_bar, implementation=_masked_impl(self.implementation), mask=mask)
@@ -112,6 +113,28 @@ class GLGA(nn.Module):
         if self.gate == "convex":
             return g[:, :, 0] * branches[0] + (1 - g[:, :, 0]) * branches[1]
         return g[:, :, 0] * branches[0] + g[:, :, 1] * branches[1]
+
+
+def pool_cells(a: jax.Array, per_cell: int) -> jax.Array:
+    """Per-cell means of [B, n, H, D] stored as contiguous runs of `per_cell` tokens -> [B, n / per_cell, H, D].
+
+    O(n D), against O(n C D) for the one-hot matmul; the cells come out in token order, which the
+    softmax over cells does not see.
+    """
+    b, n, h, d = a.shape
+    return jnp.mean(a.reshape(b, n // per_cell, per_cell, h, d), axis=2).astype(a.dtype)
+
+
+def pool_cells_onehot(k: jax.Array, v: jax.Array, cell_ids: jax.Array, num_cells: int):
+    """Per-cell means by a one-hot matmul, for layouts whose cells are not contiguous runs (and
+    ragged, unstructured drops). Returns (k_bar, v_bar [B, C, H, D], counts [B, C])."""
+    cells = jnp.broadcast_to(cell_ids, k.shape[:2])
+    onehot = jax.nn.one_hot(cells, num_cells, dtype=k.dtype)  # [B, n, C]
+    counts = jnp.sum(onehot.astype(jnp.float32), axis=1)  # [B, C]
+    inv = (1.0 / jnp.maximum(counts, 1.0)).astype(k.dtype)[:, :, None, None]
+    k_bar = jnp.einsum("bnc,bnhd->bchd", onehot, k) * inv
+    v_bar = jnp.einsum("bnc,bnhd->bchd", onehot, v) * inv
+    return k_bar, v_bar, counts
 
 
 def _masked_impl(implementation: str) -> str:
@@ -190,11 +213,14 @@ class Stack(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, x, c_bd, ctx: TokenContext, context=None):
+    def __call__(self, x, c_bd, ctx: TokenContext, context=None, only: tuple[int, ...] | None = None):
+        """Runs the blocks in order; `only` (block indices) runs just those (STG-style weak path)."""
         if self.depth == 0:
             return x
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
+        if only is not None and self.scan:
+            return self._scan_subset(x, c_bd, ctx, context, only)
         cls = _ScannedBlock if self.scan else Block
         if self.remat != "none":
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -207,5 +233,19 @@ class Stack(nn.Module):
             x, _ = scanned(**self.block, name="blocks")(x, c_bd, ctx, context)
             return x
         for i in range(self.depth):
-            x = cls(**self.block, name=f"block_{i}")(x, c_bd, ctx, context)
+            if only is None or i in only:
+                x = cls(**self.block, name=f"block_{i}")(x, c_bd, ctx, context)
         return x
+
+    def _scan_subset(self, x, c_bd, ctx, context, only):
+        # The scanned params are stacked [depth, ...]: scan one Block over the picked slices
+        # (never called at init, so the params exist).
+        picked = jax.tree.map(lambda a: a[jnp.asarray(only)], self.variables["params"]["blocks"])
+        block = Block(**self.block)
+
+        def body(h, p):
+            return block.apply({"params": p}, h, c_bd, ctx, context), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        return jax.lax.scan(body, x, picked)[0]

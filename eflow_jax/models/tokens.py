@@ -94,6 +94,17 @@ class TokenLayout:
         """Pooling-cell index of each ordered token, int32 [N]."""
         return _box_ids(self.coords(), self.grid, self.cell)
 
+    def cells_contiguous(self) -> bool:
+        """Whether every pooling cell is one contiguous run of the token order (then pooling is a
+        reshape-mean). True when the cell lies inside a tile and spans whole rows of the tile's
+        raster of drop groups, e.g. cell (1,4,4) or (2,4,4) in tile (2,4,4) or (4,4,4); not when a
+        cell is larger than a tile. A structured drop keeps this: sorted kept ids of a run stay a run.
+        """
+        ids = self.cell_ids()
+        size = math.prod(self.cell)
+        runs = ids.reshape(-1, size)
+        return bool(np.all(runs == runs[:, :1]) and len(np.unique(runs[:, 0])) == len(runs))
+
 
 def _box_ids(coords: np.ndarray, grid: Box, box: Box) -> np.ndarray:
     n_boxes = [g // b for g, b in zip(grid, box, strict=True)]
