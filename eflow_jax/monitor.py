@@ -2,7 +2,8 @@
 
   probe  every log step (log.probe_clips > 0): flow/probe.py on a fixed held-out batch, the same
          dense velocity error for every objective plus the trunk / label / s / middle health signals.
-  gauge  every log.eval_every steps and at the end, when eval.metric == 'shapes' (synthetic data):
+  gauge  every log.eval_every steps (a multiple of log.every_steps: the scores join that step's log row)
+         and at the end, when eval.metric == 'shapes' (synthetic data):
          eval/shapes.py scores few-step samples of the EMA params (class accuracy, motion
          consistency, Frechet on the gauge classifier's features, with real and noise references).
 """
@@ -43,17 +44,13 @@ class QualityMonitor:
         every = self._config.log.eval_every
         return self.gauges and ((every > 0 and step % every == 0) or is_last)
 
-    def gauge(self, params) -> tuple[dict[str, float], str]:
-        """(TensorBoard scalars, a printable table) for samples of `params` (pass the EMA params)."""
+    def gauge(self, step: int, params) -> dict[str, float]:
+        """Scalars for the step's log row from samples of `params` (pass the EMA params); logs a table."""
         from eflow_jax.eval import shapes
 
         cfg = self._config.eval.shapes
         if self._gauge is None:
             self._gauge = shapes.ShapesGauge.for_data(self._config.data, cfg.cache_dir or None, int(cfg.seed))
         results = shapes.score_params(self._config, self._net, params, gauge=self._gauge, mesh=self._mesh)
-        return shapes.scalars(results), shapes.format_table(results)
-
-    def log_gauge(self, step: int, params, writer) -> None:
-        scalars, table = self.gauge(params)
-        writer.scalars(step, scalars)
-        logging.info("shapes gauge at step %d (EMA params):\n%s", step, table)
+        logging.info("shapes gauge at step %d (EMA params):\n%s", step, shapes.format_table(results))
+        return shapes.scalars(results)

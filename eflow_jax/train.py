@@ -38,6 +38,9 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         value = functools.reduce(getattr, field.split("."), config)
         if value < 1:
             raise ValueError(f"{field}={value}: it must be >= 1; set --config.{field} to a positive number.")
+    if config.log.eval_every < 0 or config.log.eval_every % config.log.every_steps:
+        raise ValueError(f"log.eval_every={config.log.eval_every}: use 0 (off) or a multiple of log.every_steps="
+                         f"{config.log.every_steps}, so the gauge's scores join a log row.")
     if config.checkpoint.restore_step < -1:
         raise ValueError(f"checkpoint.restore_step={config.checkpoint.restore_step}: use -1 (the latest "
                          f"checkpoint) or a committed step of the workdir.")
@@ -322,6 +325,8 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
                                           prog.mean_flops_per_step(window_start, step), peak)
                 values["lr"] = float(optim.learning_rate(config.optim, config.total_steps)(step))
                 values |= quality.probe(state.params)
+                if quality.gauge_due(step, is_last):  # Sampling time falls in no window: the clock resets below.
+                    values |= quality.gauge(step, state.ema_params)
                 writer.scalars(step, values)
                 eta = (config.total_steps - step) / max(values["steps_per_s"], 1e-9)
                 logging.info("step %d | loss %.4f | probe %s | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | "
@@ -339,8 +344,6 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
                 break
             if config.log.sample_every and step % config.log.sample_every == 0 and not is_last:
                 write_samples(step)
-            if quality.gauge_due(step, is_last):
-                quality.log_gauge(step, state.ema_params, writer)
     ckpt.wait()
     if step == config.total_steps and config.log.sample_steps:
         write_samples(step)
