@@ -1,7 +1,7 @@
 """Where metrics go: TensorBoard events (tensorboardX, no TensorFlow needed) and metrics.jsonl.
 
 Only process 0 writes; every other process gets a writer that drops everything, so the loop
-calls it unconditionally. clu's metric writers import TensorFlow (shared/ENV.md), hence
+calls it unconditionally. clu's metric writers import TensorFlow (every writer), hence
 tensorboardX for the events.
 """
 

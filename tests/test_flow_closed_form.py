@@ -1,4 +1,4 @@
-"""Closed-form invariants of the solution map (METHOD.md section 11, items 1-3), in float64."""
+"""Closed-form invariants of the solution map (docs/METHOD.md section 11, items 1-3), in float64."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Cost model (METHOD.md sections 3 and 8) and its check against XLA's FLOP count (item 12)."""
+"""Cost model (docs/METHOD.md sections 3 and 8) and its check against XLA's FLOP count (item 12)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from eflow_jax.flow.cost import branch_costs, forward_equivalents
 from eflow_jax.flow.objectives import default_objective_config, make_loss
 from eflow_jax.flow.toy_net import ToyMLP, make_toy_network, random_toy_params
 
-# METHOD.md section 8's assumptions for layout 2/24/2 at rho = 0.75.
+# docs/METHOD.md section 8.2's assumptions for layout 2/24/2 at rho = 0.75.
 PAPER_FLOPS = dict(full=1.0, dropped=0.36, weak=0.15, decoder=0.08)
 
 

@@ -1,4 +1,4 @@
-"""Objective-side invariants (METHOD.md section 11, items 4, 5, 8, 10) and objective wiring."""
+"""Objective-side invariants (docs/METHOD.md section 11, items 4, 5, 8, 10) and objective wiring."""
 
 import dataclasses
 

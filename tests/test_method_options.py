@@ -42,7 +42,7 @@ def lowered_flops(fn, *args) -> float:
     return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
 
 
-# ---- STG-style weak path (METHOD.md 5, ablation d) ----
+# ---- STG-style weak path (docs/METHOD.md 5, ablation d) ----
 
 @pytest.fixture()
 def four_middle(monkeypatch):

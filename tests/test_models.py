@@ -1,4 +1,4 @@
-"""Model invariants (METHOD.md section 11, items 6, 7, 8, 9, 11) and shapes, FLOPs, errors."""
+"""Model invariants (docs/METHOD.md section 11, items 6, 7, 8, 9, 11) and shapes, FLOPs, errors."""
 
 import math
 
@@ -239,7 +239,7 @@ def test_flop_counter_matches_xla(mode, keep):
 def test_tiny_dit_dropped_weak_decoder_flops_match_xla(mode):
     """count_flops' dropped / weak / decoder passes vs XLA's compiled count on the tiny DiT (10%).
 
-    The cost model of METHOD.md section 8 is built from these three numbers; the dropped pass
+    The cost model of docs/METHOD.md section 8 is built from these three numbers; the dropped pass
     must also really be cheaper than the dense one (so a keep mask that is ignored shows).
     """
     cfg = tiny_cfg(mode=mode)

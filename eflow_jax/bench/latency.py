@@ -6,7 +6,7 @@ r"""Inference latency: few-step EFlow sampling vs 50-step Euler with CFG or path
     python -m eflow_jax.bench.latency --tiny                    # CPU smoke run (seconds)
 
 One model size, random params in --param_dtype, compute in --dtype, dense at inference (no token
-drop). Methods per batch size (METHOD.md section 9):
+drop). Methods per batch size (docs/METHOD.md section 9):
   eflow_{N}step   SoFlow's renoise sampler, N NFE (no CFG: guidance is trained in);
   euler{S}_cfg    S Euler steps with classifier-free guidance, cond/uncond batched: 2S NFE;
   euler{S}_pdg    S Euler steps with path-drop guidance: the weak path (middle blocks skipped) at
@@ -192,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default="glga", help="Attention of the EFlow network (model.mode).")
     p.add_argument("--baseline_mode", default="",
                    help="Attention of the network behind the Euler rows; default: --mode. "
-                        "'full' = the dense full-attention DiT of METHOD.md section 9.")
+                        "'full' = the dense full-attention DiT of docs/METHOD.md section 9.")
     p.add_argument("--attention_impl", default="auto")
     p.add_argument("--dtype", default="bfloat16", help="Compute dtype (model.dtype).")
     p.add_argument("--param_dtype", default="bfloat16", help="Dtype of the stored weights.")

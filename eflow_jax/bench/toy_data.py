@@ -5,7 +5,7 @@ interpolant x_t = (1 - t) x_0 + t eps every marginal is a mixture too,
     p_t = sum_k pi_k N((1 - t) mu_k, std_t^2 I),   std_t^2 = (1 - t)^2 sigma^2 + t^2,
 and the exact marginal velocity is the posterior-weighted component velocity
     v(x, t) = sum_k r_k(x, t) [-mu_k + (d std_t / dt / std_t) (x - (1 - t) mu_k)].
-A single Gaussian has the closed-form flow map (METHOD.md section 11.3)
+A single Gaussian has the closed-form flow map (docs/METHOD.md section 11.3)
     Phi_{t->s}(x) = (1 - s) mu + (std_s / std_t) (x - (1 - t) mu).
 - 'mog': 4 classes; 8 modes on a circle of radius 2, class c owns the opposite modes c, c+4.
 - 'gaussian': one class, N(mu, sigma^2 I) with mu = (1, -0.5), sigma = 0.5.

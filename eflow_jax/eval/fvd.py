@@ -17,7 +17,7 @@ import numpy as np
 
 from eflow_jax.eval import i3d
 
-FVD_NUM_FRAMES = 16  # The first 16 frames of each clip (METHOD.md section 10).
+FVD_NUM_FRAMES = 16  # The first 16 frames of each clip (docs/METHOD.md section 10).
 FVD_RESOLUTION = 224
 FVD_FEATURE_LAYER = "i3d_logits_400_time_mean"  # Pre-softmax logits, as TF-Hub FVD / StyleGAN-V.
 

@@ -5,13 +5,13 @@ returns a per-sample loss vector [n] and a dict of scalar metrics; objectives.py
 branches into `flow_matching`, `solution_flow` and `eflow`. All reductions are per sample
 over every non-batch axis, so the same code serves [B, D] toys and [B, T, H, W, C] video.
 
-Weights follow SoFlow (METHOD.md section 3), with sg = stop-gradient:
+Weights follow SoFlow (docs/METHOD.md section 3), with sg = stop-gradient:
   velocity     w_v = sg 1 / (|d_s b(t,t)| (mean_d D^2 + eps)^p),   L_v = w_v mean_d D^2
   consistency  dq = sg (f_t - f_l) / (t - l),  w_c = sg 1 / (mean_d dq^2 + eps)^p,
                L_con = sgn(b(t,s)) w_c mean_d(N * dq)   (its gradient equals that of
                w_c (t - l) / |b| * 0.5 mean_d((f_t - sg f_l) / (t - l))^2)
   MVA          D = N - (lam u1 + (1 - lam) u2),  L_mva = w_m mean_d D^2 with w_m = w_c by
-               default (the residual relative to the regressed velocity; METHOD.md section 6)
+               default (the residual relative to the regressed velocity; docs/METHOD.md section 6)
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def mva_regularizer(
     params: Params, net: Network, x_t: jax.Array, N: jax.Array, query, t, s, lam, y_in, keep: Keep,
     *, p: float, eps: float, weighting: str = "consistency", con_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Mean-velocity additivity: N should equal lam u1 + (1 - lam) u2 (METHOD.md section 6).
+    """Mean-velocity additivity: N should equal lam u1 + (1 - lam) u2 (docs/METHOD.md section 6).
 
     Args:
       query: s_query -> sg F(x_t, t, s_query, y'); with decoupled conditioning this is a

@@ -1,4 +1,4 @@
-"""Training cost per example, in dense-full-forward units F (METHOD.md sections 3 and 8).
+"""Training cost per example, in dense-full-forward units F (docs/METHOD.md sections 3 and 8).
 
 A pass with gradient costs 3x its forward (backward ~ 2x forward). From the per-sample
 forward FLOPs of four kinds of pass,

@@ -1,4 +1,4 @@
-"""Guidance baked into training targets (METHOD.md sections 3 and 5).
+"""Guidance baked into training targets (docs/METHOD.md sections 3 and 5).
 
 The guided velocity target is
     v~ = v_t + c(t) (w - 1) (v_t - v_ref),   then   v~ <- m v~ + (1 - m) sg v_pred,

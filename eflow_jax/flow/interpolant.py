@@ -1,6 +1,6 @@
 """Noising path x_t = alpha_t x_0 + beta_t eps and the Euler solution-map coefficients.
 
-Time runs from t=0 (data) to t=1 (noise), as in SoFlow (METHOD.md section 2). The default
+Time runs from t=0 (data) to t=1 (noise), as in SoFlow (docs/METHOD.md section 2). The default
 path is linear (alpha = 1 - t, beta = t, so the conditional velocity is eps - x_0); 'trig'
 (alpha = cos(pi t / 2), beta = sin(pi t / 2)) is kept as an option because SoFlow offers it.
 The solution map always uses the Euler coefficients a(t, s) = 1, b(t, s) = s - t, so

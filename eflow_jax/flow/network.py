@@ -2,12 +2,12 @@
 
 Objectives never touch flax modules directly. They receive a `Network`, whose functions
 are pure in (params, inputs). The split into `encode` (trunk) and `decode` (decoder blocks +
-final layer) is what makes decoupled conditioning cheap (METHOD.md section 7a): one trunk
+final layer) is what makes decoupled conditioning cheap (docs/METHOD.md section 7a): one trunk
 pass at (x_t, t, y) serves decoder queries at several s (s = t for the velocity, s for the
 solution map, m for the MVA split). With joint conditioning `encode` only packs its inputs
 and `decode` runs the whole network, so objectives need no second code path.
 
-Conventions (METHOD.md section 2): x has shape [B, T, H, W, C]; t, s are float [B];
+Conventions (docs/METHOD.md section 2): x has shape [B, T, H, W, C]; t, s are float [B];
 y is int32 [B] with the null label `null_label` (= num_classes); the solution map is
 f(x, t, s) = x + (s - t) * F(x, t, s).
 """

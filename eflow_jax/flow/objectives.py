@@ -1,7 +1,7 @@
 """Training objectives selected by name: 'flow_matching', 'solution_flow' (SoFlow), 'eflow'.
 
 - flow_matching: plain velocity regression with 10% label dropout (CFG happens in the sampler).
-- solution_flow: SoFlow exactly as its official code (METHOD.md section 3): a static 75/25
+- solution_flow: SoFlow exactly as its official code (docs/METHOD.md section 3): a static 75/25
   velocity/consistency split, a CFG-guided target from a full dense unconditional pass,
   the 0.25 mix with the model's own prediction, the decay c(t), adaptive weights, and the
   consistency loss with its intermediate time l. This is the throughput baseline.
@@ -38,7 +38,7 @@ LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], tuple[ja
 
 
 def default_objective_config(name: str) -> ml_collections.ConfigDict:
-    """All objective settings, with SoFlow's ImageNet values (METHOD.md sections 3, 5-8)."""
+    """All objective settings, with SoFlow's ImageNet values (docs/METHOD.md sections 3, 5-8)."""
     if name not in OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; use one of {OBJECTIVES}.")
     c = ml_collections.ConfigDict()
@@ -58,7 +58,7 @@ def default_objective_config(name: str) -> ml_collections.ConfigDict:
     # reference in guided targets uses the null label unless 'cond'.
     c.weak_label = "null"
     # 'drop_middle' (the middle replaced by mu) | 'skip_half' (STG-style: run every other middle
-    # block, ablation d of METHOD.md section 5).
+    # block, ablation d of docs/METHOD.md section 5).
     c.weak_path = "drop_middle"
     c.cfg_uncond_dropped = False  # eflow + guidance='cfg': token-dropped unconditional pass
     c.adaptive_weight = name != "flow_matching"

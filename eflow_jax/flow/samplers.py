@@ -1,4 +1,4 @@
-"""Samplers (METHOD.md section 9); all pure, jit-able, with a static number of steps.
+"""Samplers (docs/METHOD.md section 9); all pure, jit-able, with a static number of steps.
 
 Few-step solution-map samplers (no CFG at inference: guidance is baked in by training):
 - `renoise_sample`: SoFlow's multistep sampler on the grid tau_i = 1 - i/N. For i < N-1,

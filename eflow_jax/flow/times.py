@@ -1,4 +1,4 @@
-"""Time samplers of the objectives (METHOD.md section 3, SoFlow's ImageNet recipe).
+"""Time samplers of the objectives (docs/METHOD.md section 3, SoFlow's ImageNet recipe).
 
 - Velocity samples: t = sigmoid(N(-0.2, 1)).
 - Consistency samples: u1 = sigmoid(N(-1, 0.8)), u2 = sigmoid(N(0.2, 0.8)),

@@ -1,6 +1,6 @@
 """A tiny MLP with the EFlow layout, for tests and the 2-D toy benchmark.
 
-Layout (mirrors METHOD.md section 4.1 on vectors instead of tokens):
+Layout (mirrors docs/METHOD.md section 4.1 on vectors instead of tokens):
     x [B, D] -> in-projection -> encoder blocks (c_trunk) -> h_enc
     middle blocks (c_trunk), or the frozen vector mu on the weak path
     fuse = Linear([middle ; h_enc]) -> decoder blocks (c_dec) -> zero-init out-projection -> F

@@ -1,4 +1,4 @@
-"""Gated Local-Global Attention (GLGA) and the adaLN-Zero transformer block (METHOD.md 4.3).
+"""Gated Local-Global Attention (GLGA) and the adaLN-Zero transformer block (docs/METHOD.md 4.3).
 
 For each head: a local branch attends within non-overlapping 3D tiles (tiles are a batch
 dimension of one attention call), a global branch attends to per-cell mean keys/values

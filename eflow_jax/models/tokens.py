@@ -1,7 +1,7 @@
 """Token geometry: patchify, the tile-major token order, and structured random token drop.
 
 Tokens live in one fixed order chosen so that every attention pattern is a reshape
-(METHOD.md section 4.4): tiles in raster order; inside a tile, drop groups in raster order;
+(docs/METHOD.md section 4.4): tiles in raster order; inside a tile, drop groups in raster order;
 inside a group, tokens in raster order. With the structured drop (keep exactly k tokens of
 every group) the kept tokens, sorted, stay tile-contiguous with the same count in every
 tile, so local attention is `reshape -> SDPA` with no mask and no padding, whatever the mask.
@@ -149,7 +149,7 @@ def validate_layout(
         if any(b % g for b, g in zip(box, group, strict=True)):
             raise ValueError(
                 f"{field}={box} is not a multiple of model.drop_group={group}: every tile and cell must "
-                f"hold whole drop groups so each keeps the same number of tokens (METHOD.md 4.3)."
+                f"hold whole drop groups so each keeps the same number of tokens (docs/METHOD.md 4.3)."
             )
     if not 1 <= keep <= math.prod(group):
         raise ValueError(
