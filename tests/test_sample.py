@@ -31,7 +31,7 @@ NUM_SAMPLES = 8
 
 def toy_config(objective: str):
     return ml_collections.ConfigDict(dict(model=dict(video_shape=(2,), num_classes=3),
-                                          objective=dict(name=objective), sample=common.sample_config()))
+                                          objective=dict(name=objective), sample=sample.sample_config()))
 
 
 @pytest.mark.parametrize("objective", ["eflow", "flow_matching"])  # renoise (3 steps: fresh noise), euler
@@ -98,7 +98,7 @@ def run_dir(tmp_path_factory):
 def net(run_dir):
     # One Network object for the module: make_sample_fn caches its jit per net, so every
     # generate() call below on an already-seen mesh reuses the compiled sampler.
-    return dit.make_network(sample.load_run_config(run_dir).model)[1]
+    return dit.make_network(rundir.read_config(run_dir).model)[1]
 
 
 def few_step_view(config):
@@ -114,7 +114,7 @@ def _generate(config, net, params, mesh, num_steps=2, seed=3):
 
 
 def test_sampling_is_the_same_on_one_device_and_a_2x4_mesh(run_dir, net):
-    config = few_step_view(sample.load_run_config(run_dir))
+    config = few_step_view(rundir.read_config(run_dir))
     one = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
     two_by_four = sharding.make_mesh(sharding.mesh_config(ici=dict(data=2, fsdp=4, tensor=1)))
     params_one = sample.load_params(run_dir, config, one)
@@ -140,8 +140,8 @@ def test_sampling_is_the_same_on_one_device_and_a_2x4_mesh(run_dir, net):
 def test_export_then_load_samples_like_the_checkpoint(run_dir, net, tmp_path):
     mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
     out = sample.export(run_dir, str(tmp_path / "export"), mesh)
-    config = sample.load_run_config(out)
-    assert config.to_dict() == sample.load_run_config(run_dir).to_dict()
+    config = rundir.read_config(out)
+    assert config.to_dict() == rundir.read_config(run_dir).to_dict()
     from_export = sample.load_params(out, config, mesh)
     abstract = sample.abstract_params(config, mesh)
     ema = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), abstract, which="ema")
