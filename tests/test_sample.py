@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, demo
-from eflow_jax import checkpoint, evaluate, progress, sample, sharding, train
+from configs import demo
+from eflow_jax import checkpoint, evaluate, progress, rundir, sample, sharding, train
 from eflow_jax.flow.toy_net import make_linear_network
 from eflow_jax.models import dit
 
@@ -144,8 +144,8 @@ def test_export_then_load_samples_like_the_checkpoint(run_dir, net, tmp_path):
     assert config.to_dict() == rundir.read_config(run_dir).to_dict()
     from_export = sample.load_params(out, config, mesh)
     abstract = sample.abstract_params(config, mesh)
-    ema = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), abstract, which="ema")
-    raw = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), abstract, which="params")
+    ema = checkpoint.restore_params(rundir.ckpt_dir(run_dir), abstract, which="ema")
+    raw = checkpoint.restore_params(rundir.ckpt_dir(run_dir), abstract, which="params")
     for a, b in zip(jax.tree.leaves(from_export), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The export holds the EMA weights, not the raw ones (they differ after 4 updates).
