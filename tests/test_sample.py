@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from toy_networks import make_linear_network
 
 from configs import demo
 from eflow_jax import checkpoint, evaluate, progress, rundir, sample, sharding, train
-from eflow_jax.flow.toy_net import make_linear_network
 from eflow_jax.models import dit
 
 VIDEO_SHAPE = (4, 16, 16, 3)
