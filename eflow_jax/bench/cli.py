@@ -34,7 +34,7 @@ import tempfile
 
 import jax
 
-from eflow_jax import config_file, train
+from eflow_jax import config_file, rundir, train
 from eflow_jax.bench import train as bench_train
 
 
@@ -90,7 +90,8 @@ def emit(row: dict) -> None:
 
 def run_cli(c, workdir: str) -> dict:
     train.train_and_evaluate(c, workdir)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(rundir.metrics_path(workdir)) as f:
+        rows = [json.loads(line) for line in f]
     steady = rows[1:] or rows  # The first window holds the pipeline's start-up.
     mean = lambda k: statistics.fmean(r[k] for r in steady)  # noqa: E731
     return dict(examples_per_s=statistics.median(r["examples_per_s"] for r in steady),
