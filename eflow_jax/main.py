@@ -8,7 +8,8 @@ r"""eflow_jax command line: train, sample, export, eval.
     python -m eflow_jax.main --mode=eval --workdir=/tmp/eflow_demo --eval.metric=shapes
 
 `sample`, `export` and `eval` read the run's config snapshot (workdir/config.json) unless
---config is given, and load only the params they need onto the current devices.
+--config is given, and load only the params they need onto the current devices. --config is a file
+path, valid from any working directory (eflow_jax/config_file.py: how its imports resolve).
 """
 
 from __future__ import annotations
