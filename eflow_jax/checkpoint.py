@@ -6,7 +6,7 @@ One checkpoint step directory holds two items:
 
 Usage in a train loop::
 
-    ckpt = Checkpointer(workdir / "ckpt", save_every=1000, keep_last=3, keep_every=10_000)
+    ckpt = Checkpointer(rundir.ckpt_dir(workdir), save_every=1000, keep_last=3, keep_every=10_000)
     state, start_step, source = restore_or_init(ckpt, abstract_state, init_fn, data_iter,
                                                 init_from=config.init_from)
     with PreemptionGuard() as guard:
@@ -432,3 +432,29 @@ def restore_or_init(
     logging.info("Initialised %s from %s step %d.", sorted(restored), init_from, step)
     # Fresh optimizer state and step 0 come from init_fn; only the weights are taken over.
     return _replace(state, **restored), 0, "init_from"
+
+
+# ---- params-only loads: exports, and the latest step of a run being evaluated ----
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest committed step of a checkpoint directory (None if it has none).
+
+    A read-only manager: reading beside a running job must not touch its files.
+    """
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(_local_path(directory), options=options) as manager:
+        return manager.latest_step()
+
+
+def save_params(directory: str | os.PathLike, params: PyTree) -> None:
+    """Writes a params pytree alone (an export: no optimizer state, no data iterator)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(_local_path(directory), params, force=True)
+
+
+def restore_saved_params(directory: str | os.PathLike, abstract_params: PyTree) -> PyTree:
+    """Reads params written by `save_params` into `abstract_params`' shapes and shardings."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
+        return ckptr.restore(_local_path(directory), item=abstract_params, restore_args=restore_args)

@@ -34,7 +34,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eflow_jax import sample, sharding
+from eflow_jax import checkpoint, rundir, sample, sharding
 from eflow_jax.data import pipeline
 from eflow_jax.eval import fvd, i3d
 from eflow_jax.models import dit
@@ -44,6 +44,26 @@ from eflow_jax.progress import Progress
 Decoder = Callable[[np.ndarray], np.ndarray]
 CONVERT_HINT = ("python -m eflow_jax.eval.convert_i3d --src=rgb_imagenet.pt --out=i3d.npz "
                 "(see docs/EVAL.md), then pass --eval.fvd.i3d_path=i3d.npz")
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """Evaluation settings: a run config's `eval` section and the --eval.* flags of `--mode=eval`."""
+    return ml_collections.ConfigDict(dict(
+        metric="fvd",  # 'fvd' (I3D, any RGB data) | 'shapes' (synthetic data only: eflow_jax/eval/shapes.py).
+        fvd=ml_collections.ConfigDict(dict(
+            i3d_path="",  # Converted I3D weights (python -m eflow_jax.eval.convert_i3d).
+            num_gen_clips=2048, num_real_clips=2048, batch_size=32, num_steps=2, seed=0,
+            num_frames=16, resolution=224,  # I3D input: first 16 frames, resized to 224^2 (docs/EVAL.md).
+            stats_dir="",  # Where real statistics are cached; default: beside the data.
+        )),
+        shapes=ml_collections.ConfigDict(dict(
+            num_clips=256,  # Generated clips per num_steps (labels cycle over the classes).
+            num_steps=(1, 2),  # Sampler steps to score.
+            seed=1,  # Sampling noise and the gauge's held-out clips; not 0 (the training data's seed).
+            batch_size=32,
+            cache_dir="",  # Trained gauge classifiers + references; default ~/.cache/eflow_jax/shapes_gauge.
+        )),
+    ))
 
 
 def run_fvd(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
@@ -117,9 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str, mesh: jax
 def apply_eval_flags(config: ml_collections.ConfigDict, given: ml_collections.ConfigDict) -> None:
     """--eval.* flags that differ from their defaults override the run's config (in place); a run
     snapshot older than a section gets that section's defaults first."""
-    from configs import common
-
-    defaults = common.eval_config()
+    defaults = eval_config()
     for key, value in defaults.items():
         if key not in config.eval:
             config.eval[key] = value
@@ -236,7 +254,7 @@ def stats_dirs(config, workdir: str) -> list[str]:
     path = config.data.path
     if path and os.path.isdir(path):
         dirs.append(path)
-    return dirs + [os.path.join(workdir, "fvd_stats")]
+    return dirs + [rundir.fvd_stats_dir(workdir)]
 
 
 def real_statistics(config, protocol: dict, workdir: str,
@@ -329,21 +347,15 @@ def i3d_features_on_mesh(params, videos: np.ndarray, mesh, batch_size: int, num_
 
 
 def latest_checkpoint_step(workdir: str) -> int | None:
-    """The newest committed checkpoint step, or None for an export directory.
-
-    Reads with a read-only manager: evaluating beside a running job must not touch its files.
-    """
-    if os.path.isdir(os.path.join(workdir, "params")):
+    """The newest committed checkpoint step (read-only: a running job may own it), or None for an
+    export directory."""
+    if rundir.is_export(workdir):
         return None
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "ckpt"))
+    ckpt_dir = rundir.ckpt_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{workdir} has no ckpt/ or params/: --workdir must be a training "
                                 f"run's workdir or an export directory (--mode=export).")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
-        step = manager.latest_step()
+    step = checkpoint.latest_step(ckpt_dir)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: --workdir must be a training run's "
                                 f"workdir or an export directory.")

@@ -8,13 +8,15 @@ r"""eflow_jax command line: train, sample, export, eval.
     python -m eflow_jax.main --mode=eval --workdir=/tmp/eflow_demo --eval.metric=shapes
 
 `sample`, `export` and `eval` read the run's config snapshot (workdir/config.json) unless
---config is given, and load only the params they need onto the current devices.
+--config is given, and load only the params they need onto the current devices. --config is a file
+path, valid from any working directory (eflow_jax/config_file.py: how its imports resolve).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 
 
 def _cheap_cpu_compiles() -> None:
@@ -31,13 +33,13 @@ _cheap_cpu_compiles()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import common  # noqa: E402
-from eflow_jax import distributed  # noqa: E402
+from eflow_jax import config_file, distributed, evaluate, rundir, sample  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]).", lock_config=True)
-config_flags.DEFINE_config_dict("sample", common.sample_config(), "Sampling settings (--mode=sample).")
-config_flags.DEFINE_config_dict("eval", common.eval_config(), "Eval settings (--mode=eval); given --eval.* "
+config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]), a path from any "
+                                "working directory.", lock_config=True)
+config_flags.DEFINE_config_dict("sample", sample.sample_config(), "Sampling settings (--mode=sample).")
+config_flags.DEFINE_config_dict("eval", evaluate.eval_config(), "Eval settings (--mode=eval); given --eval.* "
                                 "flags override the run config's eval section.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval"], "What to do.")
@@ -64,7 +66,7 @@ def main(argv) -> None:
     if FLAGS.mode == "train":
         if FLAGS.config is None:
             raise app.UsageError("--config is required to train, e.g. --config=configs/demo.py")
-        from eflow_jax import rundir, train
+        from eflow_jax import train
 
         try:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -72,25 +74,26 @@ def main(argv) -> None:
             raise SystemExit(f"error: {e}") from None
         return
 
-    from eflow_jax import sample, sharding
+    from eflow_jax import sharding
 
-    config = FLAGS.config if FLAGS.config is not None else sample.load_run_config(FLAGS.workdir)
+    config = FLAGS.config if FLAGS.config is not None else rundir.read_config(FLAGS.workdir)
     mesh = sharding.make_mesh(sharding.mesh_config())  # All local devices, whatever training used.
     logging.info("topology: %s", sharding.describe(mesh))
     if FLAGS.mode == "export":
-        out = sample.export(FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "export"), mesh,
+        out = sample.export(FLAGS.workdir, FLAGS.out or rundir.export_dir(FLAGS.workdir), mesh,
                             use_ema=FLAGS.sample.use_ema, step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
         logging.info("exported params + config to %s", out)
     elif FLAGS.mode == "sample":
-        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "samples", "cli"),
+        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir),
                                FLAGS.sample, mesh)
     else:
-        from eflow_jax import evaluate
-
         evaluate.apply_eval_flags(config, FLAGS.eval)  # --eval.* flags given override the run's config.
-        evaluate.run(config, FLAGS.workdir, FLAGS.out or os.path.join(FLAGS.workdir, "eval"), mesh,
+        evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh,
                      step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
 
 
 if __name__ == "__main__":
+    # The config file is loaded while flags are parsed; its package must be importable by then.
+    if (path := config_file.config_path_in_argv(sys.argv)) is not None:
+        config_file.make_importable(path)
     app.run(main)

@@ -1,4 +1,15 @@
-"""One run per workdir: the lock, the model-config check, config snapshots, metrics on resume.
+"""The run directory: its layout, the lock, the model-config check, config snapshots, metrics on resume.
+
+This module is the one place that knows what lives where in a workdir (or an export directory):
+
+    workdir/ckpt/<step>/    train state + data iterator (checkpoint.py writes it)
+    workdir/config.json     the config snapshot (config.<n>.json: earlier, different ones)
+    workdir/metrics.jsonl   one row per logged step;  workdir/tb/  TensorBoard events
+    workdir/samples/        step_<n>/ of the train loop, cli/ of --mode=sample
+    workdir/eval/  workdir/export/  workdir/fvd_stats/   --mode=eval / --mode=export defaults
+    workdir/profile/        jax.profiler traces (log.profile_start)
+    workdir/.lock           the flock of the run using it
+    export/params/ + export/config.json                   an export (params only)
 
     check_model_config(workdir, config)       # read-only: before anything is written
     with WorkdirLock(workdir):                 # a second run on the same workdir fails at once
@@ -28,6 +39,69 @@ METRICS_NAME = "metrics.jsonl"
 RUNTIME_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
 
 
+def lock_path(workdir: str) -> str:
+    return os.path.join(workdir, LOCK_NAME)
+
+
+def ckpt_dir(workdir: str) -> str:
+    return os.path.join(workdir, "ckpt")
+
+
+def params_dir(run_dir: str) -> str:
+    """An export's params (its presence is what makes a directory an export)."""
+    return os.path.join(run_dir, "params")
+
+
+def is_export(run_dir: str) -> bool:
+    return os.path.isdir(params_dir(run_dir))
+
+
+def config_path(run_dir: str) -> str:
+    return os.path.join(run_dir, CONFIG_NAME)
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, METRICS_NAME)
+
+
+def tb_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tb")
+
+
+def samples_dir(workdir: str, step: int | None = None) -> str:
+    """The train loop's samples of `step`, or (step None) --mode=sample's default output."""
+    return os.path.join(workdir, "samples", "cli" if step is None else f"step_{step}")
+
+
+def profile_dir(workdir: str) -> str:
+    return os.path.join(workdir, "profile")
+
+
+def eval_dir(workdir: str) -> str:
+    return os.path.join(workdir, "eval")
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(workdir, "export")
+
+
+def fvd_stats_dir(workdir: str) -> str:
+    """Real FVD statistics cached in the run (synthetic data, or a read-only data folder)."""
+    return os.path.join(workdir, "fvd_stats")
+
+
+def read_config(run_dir: str):
+    """The config snapshot a training run (or an export) wrote, as a ConfigDict."""
+    import ml_collections
+
+    path = config_path(run_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir or an "
+                                f"export directory (python -m eflow_jax.main --mode=export).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 class RunError(RuntimeError):
     """A failure the user fixes from its one-line message; the CLI prints only the message."""
 
@@ -45,7 +119,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = lock_path(workdir)
         self._workdir = workdir
         self._enabled = enabled
         self._fd: int | None = None
@@ -103,7 +177,7 @@ def model_diff(saved: dict, current: dict) -> list[str]:
 
 def has_checkpoint(workdir: str) -> bool:
     """Whether workdir/ckpt holds a committed step (orbax names those by the bare step number)."""
-    ckpt = os.path.join(workdir, "ckpt")
+    ckpt = ckpt_dir(workdir)
     return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
 
@@ -113,7 +187,7 @@ def check_model_config(workdir: str, config) -> None:
     Compared against the `model` section of the workdir's config.json, which is only written after a
     successful restore, so it is the config of the run the checkpoints came from.
     """
-    path = os.path.join(workdir, CONFIG_NAME)
+    path = config_path(workdir)
     if not (has_checkpoint(workdir) and os.path.exists(path)):
         return
     with open(path) as f:
@@ -121,13 +195,13 @@ def check_model_config(workdir: str, config) -> None:
     diff = model_diff(saved, json.loads(config.model.to_json()))
     if diff:
         raise ConfigError(f"this workdir was trained with another model config: {'; '.join(diff)}; "
-                          f"use a new --workdir (or checkpoint.init_from={os.path.join(workdir, 'ckpt')} "
+                          f"use a new --workdir (or checkpoint.init_from={ckpt_dir(workdir)} "
                           f"there to start from its weights).")
 
 
 def write_config_snapshot(workdir: str, config) -> str:
     """Writes config.json; a different previous one is kept as config.<n>.json (n = 1, 2, ...)."""
-    path = os.path.join(workdir, CONFIG_NAME)
+    path = config_path(workdir)
     text = config.to_json(indent=2)
     if os.path.exists(path):
         with open(path) as f:
@@ -146,7 +220,7 @@ def trim_metrics(workdir: str, step: int) -> int:
 
     The resumed run logs those steps again; keeping both would repeat them. Returns the rows dropped.
     """
-    path = os.path.join(workdir, METRICS_NAME)
+    path = metrics_path(workdir)
     if not os.path.exists(path):
         return 0
     with open(path) as f:

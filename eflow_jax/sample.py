@@ -8,18 +8,18 @@ needs only the params (EMA by default), so it runs on any mesh / device count.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
-from eflow_jax import checkpoint, sharding
+from eflow_jax import checkpoint, rundir, sharding
+from eflow_jax import state as state_lib
 from eflow_jax.flow import samplers
 from eflow_jax.flow.network import Network
 from eflow_jax.models import dit
@@ -27,6 +27,23 @@ from eflow_jax.progress import Progress
 
 SOLUTION_SAMPLERS = ("renoise", "chain")
 ITERATIVE_SAMPLERS = ("euler", "heun")
+
+
+def sample_config() -> ml_collections.ConfigDict:
+    """Sampling settings: a run config's `sample` section and the --sample.* flags of `--mode=sample`."""
+    return ml_collections.ConfigDict(dict(
+        num_steps=2,
+        sampler="renoise",  # 'renoise' | 'chain' (solution flow); 'euler' | 'heun' (flow matching).
+        guidance="cfg",  # Flow-matching runs only: 'cfg' | 'path_drop' | 'none'.
+        guidance_scale=3.0,
+        labels="",  # Comma-separated class ids; empty = 0..num-1 modulo num_classes.
+        num=8,
+        seed=0,
+        batch_size=8,
+        use_ema=True,
+        step=-1,  # Checkpoint step; -1 = latest.
+        fps=8,
+    ))
 
 
 def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
@@ -166,50 +183,34 @@ def run_sample_mode(config, workdir: str, out_dir: str, sample_cfg, mesh) -> lis
 # ---- loading a run for sampling ----
 
 
-def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
-    """The config snapshot a training run (or an export) wrote."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir or an "
-                                f"export directory (python -m eflow_jax.main --mode=export).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def abstract_params(config, mesh):
-    """Shapes + shardings of the model params on `mesh` (nothing allocated)."""
-    model = dit.EFlowDiT(config.model)
-    boxed = jax.eval_shape(functools.partial(dit.init_params, model, jax.random.key(0)))
-    shardings = sharding.logical_to_sharding(boxed, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.meta.unbox(boxed), shardings)
+    """Shapes + shardings of the model params on `mesh` (nothing allocated).
+
+    The params of the train state's abstract form: one place decides how params are sharded, so
+    what sampling loads matches what training saved. optax.identity() has no state: no optimizer
+    shapes are built.
+    """
+    abstract, _ = state_lib.state_shardings(dit.EFlowDiT(config.model), optax.identity(), mesh)
+    return abstract.params
 
 
 def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int | None = None):
     """EMA (or raw) params from a run's checkpoints or an export dir, onto `mesh`."""
     target = abstract_params(config, mesh)
-    export_dir = os.path.join(run_dir, "params")
-    if os.path.isdir(export_dir):  # An export: params only, no optimizer state.
-        import orbax.checkpoint as ocp
-
-        with ocp.PyTreeCheckpointer() as ckptr:
-            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-            return ckptr.restore(os.path.abspath(export_dir), item=target, restore_args=restore_args)
-    ckpt_dir = os.path.join(run_dir, "ckpt")
+    if rundir.is_export(run_dir):  # An export: params only, no optimizer state.
+        return checkpoint.restore_saved_params(rundir.params_dir(run_dir), target)
+    ckpt_dir = rundir.ckpt_dir(run_dir)
     logging.info("restoring %s params from %s", "EMA" if use_ema else "raw", ckpt_dir)
     return checkpoint.restore_params(ckpt_dir, target, step=step, which="ema" if use_ema else "params")
 
 
 def export(run_dir: str, out_dir: str, mesh, *, use_ema: bool = True, step: int | None = None) -> str:
     """Writes params (EMA by default) + config.json to out_dir: small, loadable by `load_params`."""
-    import orbax.checkpoint as ocp
-
-    config = load_run_config(run_dir)
+    config = rundir.read_config(run_dir)
     params = load_params(run_dir, config, mesh, use_ema=use_ema, step=step)
     os.makedirs(out_dir, exist_ok=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(os.path.join(out_dir, "params")), params, force=True)
+    checkpoint.save_params(rundir.params_dir(out_dir), params)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
+        with open(rundir.config_path(out_dir), "w") as f:
             f.write(config.to_json(indent=2))
     return out_dir

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -26,6 +25,47 @@ from eflow_jax.models import dit
 
 # The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """A run config's `train` section: how the loop runs (not what it computes)."""
+    return ml_collections.ConfigDict(dict(
+        skip_nonfinite=False,  # True: skip updates with a non-finite loss/grad instead of stopping.
+        check_memory=True,  # Print the compiled step's memory analysis before step 1.
+        stop_at_step=0,  # > 0: save and exit cleanly after this step (time-limited jobs); resume later.
+        inject_nan_at_step=-1,  # Debug only: make the loss NaN at this step (tests the NaN stop).
+        # jax's persistent compilation cache: a restart loads the compiled step instead of
+        # recompiling it (minutes for EFlow-B on a GPU). 'auto': $JAX_COMPILATION_CACHE_DIR if set,
+        # else $XDG_CACHE_HOME/eflow_jax/xla (~/.cache/eflow_jax/xla); '' turns it off.
+        compile_cache_dir="auto",
+        device_prefetch=2,  # Batches put on the device ahead of the step (host->device overlaps it).
+    ))
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    """A run config's `checkpoint` section (the loop builds its Checkpointer from it)."""
+    return ml_collections.ConfigDict(dict(
+        save_every=2_000, keep_last=3, keep_every=50_000, async_save=True,
+        init_from="",  # Another run's workdir/ckpt (or a step dir): params + EMA only.
+        restore_step=-1,  # -1: the latest; else resume from this committed step (later ones are set aside).
+    ))
+
+
+def log_config() -> ml_collections.ConfigDict:
+    """A run config's `log` section: what the loop logs, samples and gauges, and how often."""
+    return ml_collections.ConfigDict(dict(
+        every_steps=100,
+        sample_every=10_000,  # 0 = only at the end.
+        eval_every=0,  # > 0: score EMA samples with eval.metric's in-loop gauge every this many steps; 0 = off.
+        # Held-out clips of the probe logged every log step (eflow_jax/monitor.py): the same dense
+        # velocity error for every objective, so their curves line up. 0 = off.
+        probe_clips=32,
+        sample_steps=(1, 2),  # Few-step samplers written as mp4/gif + TensorBoard strips.
+        num_samples=8,
+        fps=8,
+        profile_start=0,  # > 0: trace `profile_steps` steps from this step (compile steps excluded).
+        profile_steps=5,
+    ))
 
 
 class NonFiniteError(rundir.RunError):
@@ -252,7 +292,7 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
 
     # ---- Shard & restore (workdir -> init_from -> scratch) ----
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "ckpt"), save_every=config.checkpoint.save_every,
+        rundir.ckpt_dir(workdir), save_every=config.checkpoint.save_every,
         keep_last=config.checkpoint.keep_last, keep_every=config.checkpoint.keep_every or None,
         async_save=config.checkpoint.async_save)
     closing.callback(ckpt.close)
@@ -281,7 +321,7 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
             videos = sample.generate(config, prog.net, state.ema_params, sample_labels, n, seed=0,
                                      batch_size=len(sample_labels))
             if jax.process_index() == 0:
-                sample.write_videos(os.path.join(workdir, "samples", f"step_{step}"), videos,
+                sample.write_videos(rundir.samples_dir(workdir, step), videos,
                                     sample_labels, 0, n, config.log.fps)
                 from eflow_jax.eval import export
 
@@ -296,7 +336,7 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
     if not guard.should_stop(start_step):
         for step in range(start_step + 1, config.total_steps + 1):
             if config.log.profile_start and step == config.log.profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(rundir.profile_dir(workdir))
             with clock.wait("data"):
                 batch = next(batches)
             with clock.wait("device"):  # Returns at once unless the device queue is full.

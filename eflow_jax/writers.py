@@ -8,7 +8,6 @@ tensorboardX for the events.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -36,8 +35,10 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            from eflow_jax import rundir
+
+            self._tb = SummaryWriter(rundir.tb_dir(workdir), flush_secs=10)
+            self._jsonl = open(rundir.metrics_path(workdir), "a")  # noqa: SIM115
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:

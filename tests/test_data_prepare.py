@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import video_reference
 
 from eflow_jax.data import pipeline, prepare, sources, video_io
 
@@ -90,7 +91,7 @@ def test_clips_match_pyav_frames(prepared, video_dir):
     resized = {}  # Source file -> its frames, resized + center cropped as prepare does.
     for name, last in last_frame.items():
         frames = video_io.read_video(video_dir / name, max_frames=last + 2)[0]
-        resized[name] = video_io.resize_short_side_center_crop(frames, 32).astype(np.float64)
+        resized[name] = video_reference.resize_short_side_center_crop(frames, 32).astype(np.float64)
     for index, meta in enumerate(metas):
         clip = source[index]["video"]
         assert clip.shape == (8, 32, 32, 3)

@@ -6,6 +6,7 @@ import os
 import av
 import numpy as np
 import pytest
+import video_reference
 
 from eflow_jax.data import video_io
 
@@ -79,9 +80,9 @@ def test_resample_indices_closed_form():
     # 25 fps -> 7 fps (no ties): output k shows time k/7, nearest frame round(25k/7); 4 s -> 28.
     times = np.arange(100) / 25.0
     np.testing.assert_array_equal(
-        video_io.resample_indices(times, 7.0), np.floor(np.arange(28) * 25 / 7 + 0.5).astype(int)
+        video_reference.resample_indices(times, 7.0), np.floor(np.arange(28) * 25 / 7 + 0.5).astype(int)
     )
-    up = video_io.resample_indices(np.arange(4) / 4.0, 10.0)  # Upsampling repeats frames.
+    up = video_reference.resample_indices(np.arange(4) / 4.0, 10.0)  # Upsampling repeats frames.
     np.testing.assert_array_equal(up, [0, 0, 1, 1, 2, 2, 2, 3, 3])
 
 
@@ -90,7 +91,7 @@ def test_streaming_resample_matches_timestamps_and_frames(carphone):
     clip, indices, src_fps = video_io.read_video_resampled(CARPHONE, fps=8, size=32)
     with av.open(CARPHONE) as container:
         times = [frame.time for frame in container.decode(video=0)]
-    np.testing.assert_array_equal(indices, video_io.resample_indices(times, 8.0, src_fps))
+    np.testing.assert_array_equal(indices, video_reference.resample_indices(times, 8.0, src_fps))
     assert clip.shape == (len(indices), 32, 32, 3) and len(indices) == 32  # 4 s at 8 fps.
     # Independent reference: the same frames from read_video, resized by jax (antialiased bilinear).
     import jax
@@ -112,7 +113,7 @@ def test_max_seconds_limits_decoding():
 
 
 def test_jpeg_round_trip_and_corruption(carphone):
-    clip = video_io.resize_short_side_center_crop(carphone[0][:6], 64)
+    clip = video_reference.resize_short_side_center_crop(carphone[0][:6], 64)
     encoded = video_io.encode_jpeg_frames(clip)
     assert len(encoded) == 6 and all(e[:2] == b"\xff\xd8" for e in encoded)  # JPEG SOI markers.
     decoded = video_io.decode_jpeg_frames(encoded)

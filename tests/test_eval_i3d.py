@@ -62,7 +62,8 @@ def test_architecture_tables(shapes):
 def test_forward_shapes_determinism_and_linear_head(shapes, video):
     flat = _random_flat_params(shapes)
     params = i3d.unflatten_params(flat)
-    assert {k: v.shape for k, v in i3d.flatten_params(params).items()} == shapes
+    leaves = jax.tree_util.tree_leaves_with_path(params)  # Back to the flat npz naming.
+    assert {"/".join(str(k.key) for k in path): leaf.shape for path, leaf in leaves} == shapes
     logits, pooled = _forward(params, video)
     assert logits.shape == (2, i3d.I3D_FEATURE_DIM) and pooled.shape == (2, i3d.I3D_POOLED_DIM)
     assert logits.dtype == jnp.float32

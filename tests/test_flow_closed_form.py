@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import random_toy_params
 
 from eflow_jax.bench.toy_data import gaussian_flow_map, marginal_std
 from eflow_jax.flow import branches as br
 from eflow_jax.flow import samplers
 from eflow_jax.flow.network import Network
-from eflow_jax.flow.toy_net import ToyMLP, make_toy_network, random_toy_params
+from eflow_jax.models.toy_net import ToyMLP, make_toy_network
 
 MU = np.array([1.0, -0.5])
 SIGMA = 0.5

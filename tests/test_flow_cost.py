@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from toy_networks import random_toy_params
 
 from eflow_jax.flow.cost import branch_costs, forward_equivalents
 from eflow_jax.flow.objectives import default_objective_config, make_loss
-from eflow_jax.flow.toy_net import ToyMLP, make_toy_network, random_toy_params
+from eflow_jax.models.toy_net import ToyMLP, make_toy_network
 
 # docs/METHOD.md section 8.2's assumptions for layout 2/24/2 at rho = 0.75.
 PAPER_FLOPS = dict(full=1.0, dropped=0.36, weak=0.15, decoder=0.08)

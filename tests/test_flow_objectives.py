@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import make_linear_network
 
 from eflow_jax.flow import branches as br
 from eflow_jax.flow import guidance, interpolant, times
@@ -16,7 +17,6 @@ from eflow_jax.flow.objectives import (
     split_sizes,
     validate_config,
 )
-from eflow_jax.flow.toy_net import make_linear_network
 
 NUM_CLASSES = 3
 

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import make_linear_network
 
 from eflow_jax.bench import toy
 from eflow_jax.flow import samplers
 from eflow_jax.flow.network import Network
-from eflow_jax.flow.toy_net import make_linear_network
 
 NUM_CLASSES = 3
 

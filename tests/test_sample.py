@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from toy_networks import make_linear_network
 
-from configs import common, demo
-from eflow_jax import checkpoint, evaluate, progress, sample, sharding, train
-from eflow_jax.flow.toy_net import make_linear_network
+from configs import demo
+from eflow_jax import checkpoint, evaluate, progress, rundir, sample, sharding, train
 from eflow_jax.models import dit
 
 VIDEO_SHAPE = (4, 16, 16, 3)
@@ -31,7 +31,7 @@ NUM_SAMPLES = 8
 
 def toy_config(objective: str):
     return ml_collections.ConfigDict(dict(model=dict(video_shape=(2,), num_classes=3),
-                                          objective=dict(name=objective), sample=common.sample_config()))
+                                          objective=dict(name=objective), sample=sample.sample_config()))
 
 
 @pytest.mark.parametrize("objective", ["eflow", "flow_matching"])  # renoise (3 steps: fresh noise), euler
@@ -98,7 +98,7 @@ def run_dir(tmp_path_factory):
 def net(run_dir):
     # One Network object for the module: make_sample_fn caches its jit per net, so every
     # generate() call below on an already-seen mesh reuses the compiled sampler.
-    return dit.make_network(sample.load_run_config(run_dir).model)[1]
+    return dit.make_network(rundir.read_config(run_dir).model)[1]
 
 
 def few_step_view(config):
@@ -114,7 +114,7 @@ def _generate(config, net, params, mesh, num_steps=2, seed=3):
 
 
 def test_sampling_is_the_same_on_one_device_and_a_2x4_mesh(run_dir, net):
-    config = few_step_view(sample.load_run_config(run_dir))
+    config = few_step_view(rundir.read_config(run_dir))
     one = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
     two_by_four = sharding.make_mesh(sharding.mesh_config(ici=dict(data=2, fsdp=4, tensor=1)))
     params_one = sample.load_params(run_dir, config, one)
@@ -140,12 +140,12 @@ def test_sampling_is_the_same_on_one_device_and_a_2x4_mesh(run_dir, net):
 def test_export_then_load_samples_like_the_checkpoint(run_dir, net, tmp_path):
     mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
     out = sample.export(run_dir, str(tmp_path / "export"), mesh)
-    config = sample.load_run_config(out)
-    assert config.to_dict() == sample.load_run_config(run_dir).to_dict()
+    config = rundir.read_config(out)
+    assert config.to_dict() == rundir.read_config(run_dir).to_dict()
     from_export = sample.load_params(out, config, mesh)
     abstract = sample.abstract_params(config, mesh)
-    ema = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), abstract, which="ema")
-    raw = checkpoint.restore_params(os.path.join(run_dir, "ckpt"), abstract, which="params")
+    ema = checkpoint.restore_params(rundir.ckpt_dir(run_dir), abstract, which="ema")
+    raw = checkpoint.restore_params(rundir.ckpt_dir(run_dir), abstract, which="params")
     for a, b in zip(jax.tree.leaves(from_export), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The export holds the EMA weights, not the raw ones (they differ after 4 updates).

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import os
 import statistics
@@ -35,13 +34,14 @@ import tempfile
 
 import jax
 
-from eflow_jax import train
+from eflow_jax import config_file, rundir, train
 from eflow_jax.bench import train as bench_train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="kinetics", help="A module in configs/ (kinetics, demo).")
+    p.add_argument("--config", default="kinetics", 
+                   help="A config file: a path, or a name in this checkout's configs/ (kinetics, demo).")
     p.add_argument("--config_arg", default="variant=B", help="Its get_config argument, e.g. 'variant=S'.")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="Config overrides (Python literals), e.g. --set=model.scan_layers=True.")
@@ -58,10 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(a: argparse.Namespace, cache_dir: str):
-    """The run config, built the way the CLI builds it (configs/<name>.get_config + overrides)."""
+    """The run config, built the way the CLI builds it (a config file's get_config + overrides)."""
     if a.tiny:
         a.config, a.config_arg = "demo", "objective=flow_matching,test=1,batch=8"
-    c = importlib.import_module(f"configs.{a.config}").get_config(a.config_arg)
+    path = a.config if a.config.endswith(".py") else config_file.in_repo(f"{a.config}.py")
+    c = config_file.load(path, a.config_arg)
     if a.source:
         c.data.update(source=a.source, path="" if a.source == "synthetic" else c.data.path)
     if a.batch and not a.tiny:
@@ -89,7 +90,8 @@ def emit(row: dict) -> None:
 
 def run_cli(c, workdir: str) -> dict:
     train.train_and_evaluate(c, workdir)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(rundir.metrics_path(workdir)) as f:
+        rows = [json.loads(line) for line in f]
     steady = rows[1:] or rows  # The first window holds the pipeline's start-up.
     mean = lambda k: statistics.fmean(r[k] for r in steady)  # noqa: E731
     return dict(examples_per_s=statistics.median(r["examples_per_s"] for r in steady),

@@ -19,8 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import kinetics
-from eflow_jax import train
+from eflow_jax import config_file, train
 from eflow_jax.bench import train as bench_train
 
 
@@ -36,7 +35,7 @@ def stack_layers(tree):
 
 
 def build(a, scan: bool, remat: str):
-    c = kinetics.get_config(f"variant={a.variant},objective={a.objective}")
+    c = config_file.load(config_file.in_repo("kinetics.py"), f"variant={a.variant},objective={a.objective}")
     t, h, w = a.shape
     c.model.update(video_shape=(t, h, w, 3), scan_layers=scan, remat=remat)
     if a.patch:

@@ -27,8 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import shapes as shapes_config
-from eflow_jax import loop, sample, sharding, train
+from eflow_jax import config_file, loop, sample, sharding, train
 from eflow_jax.data import pipeline
 from eflow_jax.flow import probe
 
@@ -150,8 +149,8 @@ def main() -> None:
     a = p.parse_args()
     eval_at = sorted({int(v) for v in a.eval_at.split(",") if v} | {a.steps})
     for objective in a.objectives.split(","):
-        config = shapes_config.get_config(f"objective={objective},size={a.size},variant={a.variant},"
-                                          f"steps={a.steps},batch={a.batch}")
+        config = config_file.load(config_file.in_repo("shapes.py"), f"objective={objective},size={a.size},"
+                                  f"variant={a.variant},steps={a.steps},batch={a.batch}")
         for assignment in a.set:
             _override(config, assignment)
         for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true",

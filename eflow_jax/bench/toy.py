@@ -30,7 +30,7 @@ import optax
 from eflow_jax.bench import toy_data
 from eflow_jax.flow import samplers
 from eflow_jax.flow.objectives import default_objective_config, make_loss
-from eflow_jax.flow.toy_net import ToyMLP, init_toy_params, make_toy_network
+from eflow_jax.models.toy_net import ToyMLP, init_toy_params, make_toy_network
 
 # SoFlow's adaptive weight 1 / (mean_d D^2 + eps)^p assumes mean_d D^2 concentrates over many
 # dimensions (4096 latent dims on ImageNet). With D = 2 it varies wildly from sample to sample,

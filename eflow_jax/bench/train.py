@@ -15,6 +15,7 @@ The cost-model forward-equivalents (flow/cost.py) print beside the measured exam
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -22,8 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import common
-from eflow_jax import train, writers
+from eflow_jax import config_file, train, writers
 from eflow_jax.flow import cost
 from eflow_jax.models import dit
 
@@ -49,9 +49,15 @@ SUITES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _common():
+    """configs/common.py of this checkout, by path (the library does not import configs/)."""
+    return config_file.load_module(config_file.in_repo("common.py"))
+
+
 def build(suite: dict, setting: str, dtype: str, remat: str):
     objective, overrides = SETTINGS[setting]
-    c = common.base_config(suite["variant"], objective)
+    c = _common().base_config(suite["variant"], objective)
     c.batch_size = suite["batch"]
     c.total_steps = 100_000
     c.model.update(video_shape=suite["video_shape"], patch=suite["patch"], tile=suite["tile"],

@@ -181,12 +181,6 @@ def expected_param_shapes(num_classes: int = I3D_NUM_CLASSES) -> dict[str, tuple
             for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
-def flatten_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Model params pytree -> the flat npz naming ('Mixed_3b/b1b/kernel', ...)."""
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     """Flat npz naming -> the nested params pytree `InceptionI3D.apply` expects."""
     nested: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""A tiny MLP with the EFlow layout, for tests and the 2-D toy benchmark.
+"""A tiny MLP with the EFlow layout: the 2-D toy benchmark's model (bench/toy.py), also used by tests.
 
 Layout (mirrors docs/METHOD.md section 4.1 on vectors instead of tokens):
     x [B, D] -> in-projection -> encoder blocks (c_trunk) -> h_enc
@@ -147,46 +147,3 @@ def init_toy_params(module: ToyMLP, rng: jax.Array, dtype=jnp.float32):
     x = jnp.zeros((2, module.data_dim), dtype)
     t = jnp.ones((2,), jnp.float32)
     return jax.jit(module.init)(rng, x, t, 0.5 * t, jnp.zeros((2,), jnp.int32))
-
-
-def random_toy_params(module: ToyMLP, seed: int = 0, dtype=jnp.float32, scale: float = 1.0):
-    """Random (non-zero everywhere, including the output layer) variables, drawn with numpy.
-
-    For tests: no parameter is zero, so every path of the network is exercised, and no
-    per-parameter PRNG program has to be compiled (flax init compiles one per layer).
-    """
-    shapes = jax.eval_shape(lambda: init_toy_params(module, jax.random.PRNGKey(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
-        return jnp.asarray(scale * rng.standard_normal(leaf.shape) / np.sqrt(fan_in), dtype)
-
-    return jax.tree.map(draw, shapes)
-
-
-def make_linear_network(data_dim: int, num_classes: int, seed: int = 0):
-    """A cheap analytic Network (and its params) for tests of objective and sampler logic.
-
-    trunk h = x W + t b_t + E[y] (weak path: x W_weak + t b_t + E[y]); decoder
-    F = tanh(h) * (1 + (t - s) a) + (t - s) c. Nonlinear in x and s, a few ops to compile.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(*shape):
-        return jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
-
-    params = dict(W=draw(data_dim, data_dim), W_weak=draw(data_dim, data_dim), b_t=draw(data_dim),
-                  E=draw(num_classes + 1, data_dim), a=draw(data_dim), c=draw(data_dim))
-
-    def encode(p, x, t, y, keep, weak):
-        w = p["W_weak"] if weak else p["W"]
-        return x @ w.astype(x.dtype) + t[:, None] * p["b_t"] + p["E"][y]
-
-    def decode(p, h, t, s, y):
-        dt = (t - s)[:, None]
-        return jnp.tanh(h) * (1.0 + dt * p["a"]) + dt * p["c"]
-
-    net = Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None,
-                  null_label=num_classes, decoupled=True)
-    return net, params

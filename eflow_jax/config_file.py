@@ -1,0 +1,63 @@
+"""Run config files (configs/*.py, or a user's own) loaded by path, from any working directory.
+
+The library never imports configs/ (setup.py does not install it); a config file is user input,
+named by path like a data folder. Config files live in a package and import their siblings
+(`from configs import common`), so the package's parent goes on sys.path before one is loaded:
+what running from the repository root used to do by accident, done for any config location.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import ml_collections
+
+# This checkout's configs/: defaults for the bench scripts, which run from a source checkout.
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def in_repo(name: str) -> str:
+    """The path of configs/<name> in this checkout (e.g. 'kinetics.py')."""
+    return os.path.join(REPO_CONFIGS, name)
+
+
+def make_importable(path: str) -> None:
+    """Puts the parent of the package holding config file `path` on sys.path (if it is in one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
+def config_path_in_argv(argv: list[str], flag: str = "config") -> str | None:
+    """The file of `--config=path[:arg]` (or `--config path[:arg]`) in a command line, if any."""
+    for i, item in enumerate(argv):
+        if item.startswith(f"--{flag}="):
+            value = item.split("=", 1)[1]
+        elif item == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return value.split(":", 1)[0]
+    return None
+
+
+def load_module(path: str) -> types.ModuleType:
+    """Executes a config file (made importable first) and returns it as a module."""
+    make_importable(path)
+    name = f"_eflow_config_{os.path.splitext(os.path.basename(path))[0]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} is not a Python file.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config(arg) of the config file at `path` (the CLI's `--config=path:arg`)."""
+    return load_module(path).get_config(arg)

@@ -1,0 +1,56 @@
+"""Config files: the library never imports configs/, the CLI loads one by path from any directory,
+and config args parse strictly."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import common
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_library_never_imports_configs():
+    # setup.py installs eflow_jax/ only: an import of configs/ works from the repository root alone.
+    pattern = re.compile(r"^\s*(from configs\b|import configs\b)|import_module\(f?[\"']configs\.", re.M)
+    offenders = [str(p.relative_to(REPO)) for p in sorted((REPO / "eflow_jax").rglob("*.py"))
+                 if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("text, expected", [("", True), ("1", True), ("true", True), ("Yes", True),
+                                            ("0", False), ("false", False), ("NO", False)])
+def test_boolean_args_parse(text, expected):
+    arg = "runlocal" if text == "" else f"runlocal={text}"
+    assert common.parse_arg(arg, runlocal=not expected).runlocal is expected
+
+
+@pytest.mark.parametrize("text", ["ture", "2", "on!", "falsy"])
+def test_a_boolean_arg_typo_is_an_error_naming_the_arg(text):
+    with pytest.raises(ValueError, match=f"runlocal={text!r} is not a boolean"):
+        common.parse_arg(f"variant=B,runlocal={text}", variant="S", runlocal=False)
+
+
+def test_cli_trains_from_another_directory_with_an_absolute_config_path(tmp_path):
+    # Only the library is importable (as if installed): `configs` must come from the config's path.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "eflow_jax").symlink_to(REPO / "eflow_jax")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "eflow_jax.main",
+            f"--config={REPO / 'configs' / 'demo.py'}:objective=flow_matching,test=1,steps=2",
+            f"--workdir={workdir}"]
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(workdir / "ckpt")) == ["2"]
+    assert (workdir / "config.json").exists()
