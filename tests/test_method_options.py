@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy_networks import make_linear_network
 
 from eflow_jax.flow import branches as br
 from eflow_jax.flow import cost
 from eflow_jax.flow.objectives import default_objective_config, make_loss, validate_config
-from eflow_jax.flow.toy_net import make_linear_network
 from eflow_jax.models import dit, tokens
 from eflow_jax.models.embed import rope_angles
 from eflow_jax.models.glga import GLGA, TokenContext, pool_cells, pool_cells_onehot
