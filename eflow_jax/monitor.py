@@ -44,16 +44,31 @@ class QualityMonitor:
         return self.gauges and ((every > 0 and step % every == 0) or is_last)
 
     def gauge(self, params) -> tuple[dict[str, float], str]:
-        """(TensorBoard scalars, a printable table) for samples of `params` (pass the EMA params)."""
+        """(TensorBoard scalars, a printable table + summary line) for samples of `params` (EMA params)."""
         from eflow_jax.eval import shapes
 
         cfg = self._config.eval.shapes
         if self._gauge is None:
             self._gauge = shapes.ShapesGauge.for_data(self._config.data, cfg.cache_dir or None, int(cfg.seed))
         results = shapes.score_params(self._config, self._net, params, gauge=self._gauge, mesh=self._mesh)
-        return shapes.scalars(results), shapes.format_table(results)
+        return shapes.scalars(results), f"{shapes.format_table(results)}\n{summary_line(results)}"
 
     def log_gauge(self, step: int, params, writer) -> None:
         scalars, table = self.gauge(params)
         writer.scalars(step, scalars)
         logging.info("shapes gauge at step %d (EMA params):\n%s", step, table)
+
+
+def summary_line(results: dict) -> str:
+    """One line a reader looks for at the end of a run: class accuracy per sampler step count.
+
+    "gauge: 2-step samples: class accuracy 0.91, motion 0.80 | 1-step: 0.85, 0.62 | real clips 1.00,
+    0.99 | noise 0.25, 0.00" (chance is 1 / num_classes).
+    """
+    steps = sorted(results, reverse=True)
+    parts = [f"{s}-step samples: class accuracy {results[s]['class_accuracy']:.2f}, motion "
+             f"{results[s]['motion_consistency']:.2f}" for s in steps]
+    first = results[steps[0]]
+    parts += [f"{ref} clips: class accuracy {first[f'class_accuracy_{ref}']:.2f}, motion "
+              f"{first[f'motion_consistency_{ref}']:.2f}" for ref in ("real", "noise")]
+    return "gauge: " + " | ".join(parts)
