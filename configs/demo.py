@@ -4,10 +4,10 @@ r"""Tiny EFlow model on the embedded moving-shapes dataset: a few minutes on a l
 
 Trains 500 steps on 4x16x16 clips of 4 classes (each class: one colour, shape and direction of
 motion), then scores 1- and 2-step EMA samples with the shapes gauge (eflow_jax/eval/shapes.py) and
-prints one summary line, "gauge: 2-step samples: class accuracy ...", with the real-clip and noise
-references. Measured (README.md): 2-step class accuracy 0.98, 1-step 0.90 (real 1.00, noise 0.24);
-the samples show each class's colour as patch-sized blobs on a noisy background, with no clean
-shape and no motion yet (motion consistency ~0.02). About 4 CPU-minutes on 2 cores.
+ends with one summary line, "step 500: gauge: 2-step samples: class accuracy ...", with the real-clip
+and noise references. Measured (README.md): 2-step class accuracy 0.99, 1-step 0.88 (real 1.00,
+noise 0.24); the samples show each class's colour as patch-sized blobs on a noisy background, with
+no recognisable shape and no motion yet (motion consistency 0.02). 209 CPU-seconds in all.
 Writes checkpoints, TensorBoard events, metrics.jsonl and 1-/2-step sample videos to the workdir.
 Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch, size
 (16 | 32: clip side; 32 is the older, 4x slower demo), test (the shape the test suite trains on).
@@ -33,8 +33,8 @@ def get_config(arg=None):
                   random_flip=False)
     c.optim.update(lr=2e-3, warmup_steps=50, ema_decay=0.999, ema_warmup=True, grad_clip=1.0)
     c.objective.r0, c.objective.r1 = 0.1, 0.01
-    # Path-drop guidance 1.5 rather than 3: the run this recipe was measured with (step 500: 2-step
-    # class accuracy 0.98); scale 3 gave 0.67 at step 269 and a similar probe error at step 250 (0.39
+    # Path-drop guidance 1.5 rather than 3: the recipe measured above; scale 3 gave 2-step class
+    # accuracy 0.67 at step 269 and a similar probe error at step 250 (0.39
     # vs 0.37), so this is a choice, not a controlled comparison.
     c.objective.guidance_scale = 1.5
     c.checkpoint.update(save_every=250, keep_every=0)

@@ -28,6 +28,7 @@ class QualityMonitor:
             fixed = probe_lib.make_probe(clips, labels)
             self._probe_fn = jax.jit(lambda params: probe_lib.probe_metrics(net, params, fixed))
         self._gauge = None
+        self.last_summary = ""  # summary_line of the latest gauge: the train loop repeats it last.
 
     def probe(self, params) -> dict[str, float]:
         """Probe metrics of `params` (the raw, trained params: EMA lags in short windows)."""
@@ -55,6 +56,7 @@ class QualityMonitor:
 
     def log_gauge(self, step: int, params, writer) -> None:
         scalars, table = self.gauge(params)
+        self.last_summary = f"step {step}: {table.splitlines()[-1]}"
         writer.scalars(step, scalars)
         logging.info("shapes gauge at step %d (EMA params):\n%s", step, table)
 

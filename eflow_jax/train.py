@@ -303,6 +303,8 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
     ckpt.wait()
     if step == config.total_steps and config.log.sample_steps:
         write_samples(step)
+    if quality.last_summary:  # The run's result, as its last line (the demo's README points to it).
+        logging.info("%s", quality.last_summary)
     return state
 
 
