@@ -2,28 +2,43 @@ r"""Tiny EFlow model on the embedded moving-shapes dataset: a few minutes on a l
 
     python -m eflow_jax.main --config=configs/demo.py --workdir=/tmp/eflow_demo
 
+Trains 500 steps on 4x16x16 clips of 4 classes (each class: one colour, shape and direction of
+motion), then scores 1- and 2-step EMA samples with the shapes gauge (eflow_jax/eval/shapes.py) and
+ends with one summary line, "step 500: gauge: 2-step samples: class accuracy ...", with the real-clip
+and noise references. Measured (README.md): 2-step class accuracy 0.99, 1-step 0.88 (real 1.00,
+noise 0.24); the samples show each class's colour as patch-sized blobs on a noisy background, with
+no recognisable shape and no motion yet (motion consistency 0.02). 209 CPU-seconds in all.
 Writes checkpoints, TensorBoard events, metrics.jsonl and 1-/2-step sample videos to the workdir.
-Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch,
-test (the smaller clip shape the test suite trains on).
+Args (`--config=configs/demo.py:steps=50,objective=solution_flow`): steps, objective, batch, size
+(16 | 32: clip side; 32 is the older, 4x slower demo), test (the shape the test suite trains on).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, steps=400, objective="eflow", batch=16, test=False)
+    a = common.parse_arg(arg, steps=500, objective="eflow", batch=16, size=16, test=False)
     c = common.base_config("tiny", a.objective)
     c.total_steps = a.steps
     c.batch_size = a.batch
-    # 4x32x32 clips, patch (1,4,4): 4x8x8 = 256 tokens of 48 values (< width 64, so the network can
-    # carry the noise through at t = 1), ~6 GFLOP per step (~0.5 s on 2 CPU cores).
-    c.model.update(video_shape=(4, 32, 32, 3), patch=(1, 4, 4), tile=(2, 4, 4), cell=(1, 4, 4),
+    # 4x16x16 clips, patch (1,4,4): 4x4x4 = 64 tokens of 48 values (< width 64, so the network can
+    # carry the noise through at t = 1). 4x fewer tokens than 32x32 buy ~4x the steps in the same
+    # CPU time, which is what the samples need: at 32x32, 400 steps gave noise (README.md).
+    if a.size not in (16, 32):
+        raise ValueError(f"demo size={a.size}: use 16 (the default) or 32.")
+    c.model.update(video_shape=(4, a.size, a.size, 3), patch=(1, 4, 4), tile=(2, 4, 4), cell=(1, 4, 4),
                    drop_group=(1, 2, 2), num_classes=4, dtype="float32")
-    c.data.update(source="synthetic", num_frames=4, resolution=32, num_classes=4, num_examples=4096)
+    # No flips: the direction of motion is part of each class's signature (as in configs/shapes.py).
+    c.data.update(source="synthetic", num_frames=4, resolution=a.size, num_classes=4, num_examples=4096,
+                  random_flip=False)
     c.optim.update(lr=2e-3, warmup_steps=50, ema_decay=0.999, ema_warmup=True, grad_clip=1.0)
     c.objective.r0, c.objective.r1 = 0.1, 0.01
-    c.checkpoint.update(save_every=100, keep_every=0)
-    c.log.update(every_steps=50, sample_every=0, num_samples=4)
+    # Path-drop guidance 1.5 rather than 3: the recipe measured above; scale 3 gave 2-step class
+    # accuracy 0.67 at step 269 and a similar probe error at step 250 (0.39
+    # vs 0.37), so this is a choice, not a controlled comparison.
+    c.objective.guidance_scale = 1.5
+    c.checkpoint.update(save_every=250, keep_every=0)
+    c.log.update(every_steps=100, sample_every=0, num_samples=8)
     c.eval.fvd.update(num_gen_clips=64, num_real_clips=64, batch_size=16)
     c.eval.metric = "shapes"  # The synthetic data know their ground truth: no I3D weights needed.
     if a.test:  # 4x16x16 clips, 64 tokens: the shape tests/ train on (fast to compile on CPU).

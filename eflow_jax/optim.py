@@ -31,6 +31,29 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.ema_decay={cfg.ema_decay}: it must be in [0, 1) (e.g. 0.9999).")
 
 
+# An EMA without warmup whose horizon 1/(1 - decay) exceeds this share of the run still holds
+# decay^total_steps of the init at the end (0.9999 over 3k steps: 74%), so its samples look untrained.
+EMA_HORIZON_SHARE = 0.25
+
+
+def ema_horizon_warning(cfg: ml_collections.ConfigDict, total_steps: int) -> str | None:
+    """A warning when the EMA cannot follow a run of `total_steps` (None when it fits).
+
+    With ema_warmup the decay is min(decay, (1 + t) / (10 + t)), which tracks any run length, so
+    only a fixed decay is checked.
+    """
+    if cfg.ema_warmup or cfg.ema_decay == 0.0:
+        return None
+    horizon = 1.0 / (1.0 - cfg.ema_decay)
+    if horizon <= EMA_HORIZON_SHARE * total_steps:
+        return None
+    init_share = cfg.ema_decay ** total_steps
+    return (f"optim.ema_decay={cfg.ema_decay} averages over ~{horizon:.0f} steps, more than "
+            f"{EMA_HORIZON_SHARE:.0%} of total_steps={total_steps}: the final EMA params still hold "
+            f"{init_share:.0%} of the initial weights. Set --config.optim.ema_warmup=True, or an "
+            f"ema_decay <= {1.0 - 1.0 / (EMA_HORIZON_SHARE * total_steps):.6g}.")
+
+
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":

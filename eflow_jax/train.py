@@ -87,6 +87,8 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     dit.layout_of(config.model)
     objectives.validate_config(config.objective)
     optim.validate_config(config.optim)
+    if (ema_warning := optim.ema_horizon_warning(config.optim, config.total_steps)) is not None:
+        _warn_once(ema_warning)
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
@@ -106,6 +108,12 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(f"model.video_shape={tuple(config.model.video_shape)}: the data pipeline makes square "
                          f"clips; set H == W.")
     pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c)
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_once(message: str) -> None:
+    """train_and_evaluate validates before the lock and again in setup: say it once."""
+    logging.warning("%s", message)
 
 
 def to_model_input(video: jax.Array) -> jax.Array:
@@ -387,6 +395,8 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
     ckpt.wait()
     if step == config.total_steps and config.log.sample_steps:
         write_samples(step)
+    if quality.last_summary:  # The run's result, as its last line (the demo's README points to it).
+        logging.info("%s", quality.last_summary)
     return state
 
 
