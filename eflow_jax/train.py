@@ -22,7 +22,6 @@ from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
 from eflow_jax.models import dit
 
-
 # The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from eflow_jax.checkpoint import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     PreemptionGuard,
     restore_or_init,
     restore_params,

@@ -4,12 +4,12 @@ import json
 import os
 
 import pytest
+from test_train import assert_trees_equal  # tests/ is on sys.path (pytest rootdir conftest).
 
 from configs import demo
 from eflow_jax import sharding, train
 from eflow_jax.flow import cost, objectives
 from eflow_jax.models import dit
-from test_train import assert_trees_equal  # tests/ is on sys.path (pytest rootdir conftest).
 
 
 # Flow matching compiles fastest; with token_drop on it has a dropped and a dense phase like eflow.

@@ -9,7 +9,6 @@ Measured (80 steps, lr 2e-3, batch 16): 'consistency' vel_err 1.62 -> 0.67, trun
 init, 4.1x at the end.
 """
 
-import jax
 import pytest
 
 from configs import demo

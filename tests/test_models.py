@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from eflow_jax.models import attention, dit, tokens
-from eflow_jax.models.glga import GLGA, TokenContext
 from eflow_jax.models.embed import rope_angles
+from eflow_jax.models.glga import GLGA, TokenContext
 
 
 def tiny_cfg(**overrides):

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from eflow_jax import sharding, train
+from eflow_jax import optim, sharding, train
 from eflow_jax import state as state_lib
 from eflow_jax.models import dit
-from eflow_jax import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,12 @@ r"""Learning-curve benchmark: few-step sample quality against training examples,
 Every objective trains the same network size (configs/shapes.py, variant S) from the same init seed
 on the same data order. At each eval point one JSON line is printed: examples seen, the seconds
 spent in train steps so far (evals excluded; when several runs share the card, the
-`quality_step_time` line gives each one's step time measured alone afterwards), the held-out probe (flow/probe.py: the same dense
-velocity error for every objective) and the shapes gauge (eval/shapes.py: class accuracy, motion
-consistency, Frechet distance on the gauge classifier's features, with real and noise references)
-on samples from the EMA params: 1-, 2- and 4-step solution maps for the few-step objectives;
-50-step Euler with and without CFG (w = 3) for flow matching. docs/QUALITY.md reads these lines.
+`quality_step_time` line gives each one's step time measured alone afterwards), the held-out
+probe (flow/probe.py: the same dense velocity error for every objective) and the shapes gauge
+(eval/shapes.py: class accuracy, motion consistency, Frechet distance on the gauge classifier's
+features, with real and noise references) on samples from the EMA params: 1-, 2- and 4-step
+solution maps for the few-step objectives; 50-step Euler with and without CFG (w = 3) for flow
+matching. docs/QUALITY.md reads these lines.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ attention) calls `attend`. Tiles are folded into the batch dimension by the call
 function only ever sees dense [B, L, H, D] problems.
 
 Why cuDNN is the GPU default: on an H100 (jax 0.11.2, bf16, B2 L8192 H12 D64) the XLA path ran
-forward+backward at 72 TFLOP/s against cuDNN's 453, ~7x slower, and runs out of memory at larger sizes. cuDNN needs bf16/fp16 inputs and head_dim <= 128 divisible by 8;
-`check_supported` raises before any compile when the config cannot meet that.
+forward+backward at 72 TFLOP/s against cuDNN's 453, ~7x slower, and runs out of memory at larger
+sizes. cuDNN needs bf16/fp16 inputs and head_dim <= 128 divisible by 8; `check_supported` raises
+before any compile when the config cannot meet that.
 """
 
 from __future__ import annotations
