@@ -126,3 +126,33 @@ def test_only_process_zero_writes_logs(two_process_run):
     assert steps == sorted(set(steps)), steps  # One row per step, not one per process.
     assert not any(f.startswith("samples") for f in files) or all("p1" not in f for f in files)
     assert "process 1/2" in open(procs[1][1]).read()  # Both really were in one 2-process job.
+
+
+def _saved_steps(workdir):
+    ckpt = os.path.join(workdir, "ckpt")
+    return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
+    """The processes agree (preemption.py's all-gather) on the step to save; all exit 0."""
+    workdir = str(tmp_path / "run")
+    procs = _launch(workdir, 2, 400, "--config.checkpoint.save_every=1000")
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and _losses(workdir)):
+            assert time.time() < deadline and all(p.poll() is None for p, _ in procs), _logs(procs)
+            time.sleep(0.5)
+        procs[1][0].send_signal(signal.SIGTERM)  # Only process 1 is told.
+        codes = _wait(procs)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"timed out:\n{_logs(procs)}")
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert codes == [0, 0], _logs(procs)
+    saved = _saved_steps(workdir)
+    assert len(saved) == 1 and 0 < saved[0] < 400, (saved, _logs(procs))
+    assert saved[0] % 10 == 0  # A step where the processes compare their stop flags.
+    assert max(_losses(workdir)) == saved[0]  # Process 0 logged up to the step both saved.
