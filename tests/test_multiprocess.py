@@ -128,6 +128,18 @@ def test_only_process_zero_writes_logs(two_process_run):
     assert "process 1/2" in open(procs[1][1]).read()  # Both really were in one 2-process job.
 
 
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run):
+    """The 2-process run's last checkpoint (step 3) continues in 1 process to step 5, its data
+    iterator at the same global position (converted from the per-process state)."""
+    workdir, _ = two_process_run
+    procs = _run(workdir, 1, 5)
+    log = open(procs[0][1]).read()
+    assert "starting at step 3" in log, log[-3000:]
+    assert "saved by 2 processes; resuming this process at global position 24" in log, log[-3000:]
+    assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5]
+    assert 5 in _saved_steps(workdir)
+
+
 def _saved_steps(workdir):
     ckpt = os.path.join(workdir, "ckpt")
     return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
