@@ -75,6 +75,11 @@ def _run(workdir, num_processes, steps, *flags):
     return procs
 
 
+def _saved_steps(workdir):
+    ckpt = os.path.join(workdir, "ckpt")
+    return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -100,55 +105,14 @@ def test_global_batches_do_not_depend_on_process_count():
     assert len(set(seen)) == cfg.num_examples  # No example twice (the synthetic clips are distinct).
 
 
+STEPS = 400  # Never reached: runs stop by signal or train.stop_at_step (the LR schedule is the same).
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
+    """2 processes train until process 1 alone gets SIGTERM (after step 1 is logged)."""
     workdir = str(tmp_path_factory.mktemp("mp") / "run2")
-    procs = _run(workdir, 2, 3)
-    return workdir, procs
-
-
-def test_two_processes_train_like_one(two_process_run, tmp_path):
-    workdir, _ = two_process_run
-    _run(str(tmp_path / "run1"), 1, 3)
-    two, one = _losses(workdir), _losses(str(tmp_path / "run1"))
-    assert sorted(two) == sorted(one) == [1, 2, 3]
-    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-4)
-
-
-def test_only_process_zero_writes_logs(two_process_run):
-    workdir, procs = two_process_run
-    files = _files(workdir)
-    assert files.count("metrics.jsonl") == 1
-    events = [f for f in files if "tfevents" in f]
-    assert len(events) == 1, files  # One TensorBoard writer: process 0's.
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == sorted(set(steps)), steps  # One row per step, not one per process.
-    assert not any(f.startswith("samples") for f in files) or all("p1" not in f for f in files)
-    assert "process 1/2" in open(procs[1][1]).read()  # Both really were in one 2-process job.
-
-
-def test_two_process_checkpoint_resumes_in_one_process(two_process_run):
-    """The 2-process run's last checkpoint (step 3) continues in 1 process to step 5, its data
-    iterator at the same global position (converted from the per-process state)."""
-    workdir, _ = two_process_run
-    procs = _run(workdir, 1, 5)
-    log = open(procs[0][1]).read()
-    assert "starting at step 3" in log, log[-3000:]
-    assert "saved by 2 processes; resuming this process at global position 24" in log, log[-3000:]
-    assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5]
-    assert 5 in _saved_steps(workdir)
-
-
-def _saved_steps(workdir):
-    ckpt = os.path.join(workdir, "ckpt")
-    return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
-
-
-def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
-    """The processes agree (preemption.py's all-gather) on the step to save; all exit 0."""
-    workdir = str(tmp_path / "run")
-    procs = _launch(workdir, 2, 400, "--config.checkpoint.save_every=1000")
+    procs = _launch(workdir, 2, STEPS, "--config.checkpoint.save_every=1000")
     try:
         deadline = time.time() + TIMEOUT_S
         while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and _losses(workdir)):
@@ -164,7 +128,46 @@ def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
                 proc.kill()
                 proc.wait()
     assert codes == [0, 0], _logs(procs)
+    return workdir, procs
+
+
+def test_sigterm_to_one_process_stops_all_at_one_saved_step(two_process_run):
+    """The processes agree (preemption.py's all-gather) on the step to save; all exit 0."""
+    workdir, procs = two_process_run
     saved = _saved_steps(workdir)
-    assert len(saved) == 1 and 0 < saved[0] < 400, (saved, _logs(procs))
+    assert len(saved) == 1 and 0 < saved[0] < STEPS, (saved, _logs(procs))
     assert saved[0] % 10 == 0  # A step where the processes compare their stop flags.
     assert max(_losses(workdir)) == saved[0]  # Process 0 logged up to the step both saved.
+
+
+def test_two_processes_train_like_one(two_process_run, tmp_path):
+    workdir, _ = two_process_run
+    _run(str(tmp_path / "run1"), 1, STEPS, "--config.train.stop_at_step=3")
+    two, one = _losses(workdir), _losses(str(tmp_path / "run1"))
+    assert sorted(one) == [1, 2, 3] and set(one) <= set(two)
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-4)
+
+
+def test_only_process_zero_writes_logs(two_process_run):
+    workdir, procs = two_process_run
+    files = _files(workdir)
+    assert files.count("metrics.jsonl") == 1
+    events = [f for f in files if "tfevents" in f]
+    assert len(events) == 1, files  # One TensorBoard writer: process 0's.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == sorted(set(steps)), steps  # One row per step, not one per process.
+    assert "process 1/2" in open(procs[1][1]).read()  # Both really were in one 2-process job.
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run):
+    """The 2-process run's checkpoint continues in 1 process, its data iterator at the same global
+    position (converted from the per-process state)."""
+    workdir, _ = two_process_run
+    (saved,) = _saved_steps(workdir)
+    procs = _run(workdir, 1, STEPS, f"--config.train.stop_at_step={saved + 2}")
+    log = open(procs[0][1]).read()
+    assert f"starting at step {saved}" in log, log[-3000:]
+    assert f"saved by 2 processes; resuming this process at global position {saved * 8}" in log, log[-3000:]
+    assert sorted(_losses(workdir)) == list(range(1, saved + 3))
+    assert saved + 2 in _saved_steps(workdir)
