@@ -217,10 +217,13 @@ class Checkpointer:
             )
         items = {_STATE: _pytree_restore_args(abstract_state)}
         if data_iter is not None:
-            if os.path.isdir(os.path.join(self.directory, str(step), _DATA)):
+            data_dir = os.path.join(self.directory, str(step), _DATA)
+            if os.path.isdir(data_dir) and os.path.exists(os.path.join(data_dir, _data_file_name())):
                 import grain
 
                 items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+            elif os.path.isdir(data_dir):
+                _restore_data_from_other_process_count(data_iter, data_dir)
             else:
                 logging.warning(
                     "Step %d in %s has no data iterator state; the iterator "
@@ -432,6 +435,38 @@ def restore_or_init(
     logging.info("Initialised %s from %s step %d.", sorted(restored), init_from, step)
     # Fresh optimizer state and step 0 come from init_fn; only the weights are taken over.
     return _replace(state, **restored), 0, "init_from"
+
+
+def _data_file_name() -> str:
+    """grain's name for this process's iterator state (its handler's convention)."""
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _restore_data_from_other_process_count(data_iter: Any, data_dir: str) -> None:
+    """A checkpoint saved by a different number of processes: every process's train iterator is
+    at global position next_index * process_count (each takes an equal block of every global batch,
+    data/pipeline.py), so this process's position is that global position over its own count."""
+    import json
+    import re
+
+    saved = sorted(f for f in os.listdir(data_dir) if re.fullmatch(r"process_\d+-of-\d+\.json", f))
+    state = None
+    if saved:
+        with open(os.path.join(data_dir, saved[0])) as f:
+            state = json.loads(f.read())
+    if not isinstance(state, dict) or set(state) != {"next_index"}:
+        logging.warning("%s holds no iterator state this topology can use (%s); the iterator starts from "
+                        "its current position.", data_dir, saved)
+        return
+    old_count = int(re.fullmatch(r"process_\d+-of-(\d+)\.json", saved[0]).group(1))
+    position = int(state["next_index"]) * old_count
+    if position % jax.process_count():
+        logging.warning("%s: global position %d does not split over %d processes; the iterator starts "
+                        "from its current position.", data_dir, position, jax.process_count())
+        return
+    logging.warning("%s was saved by %d processes; resuming this process at global position %d.",
+                    data_dir, old_count, position)
+    data_iter.set_state({"next_index": position // jax.process_count()})
 
 
 # ---- params-only loads: exports, and the latest step of a run being evaluated ----

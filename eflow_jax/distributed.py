@@ -98,7 +98,21 @@ def maybe_initialize(flag: bool | None, env: Mapping[str, str] | None = None) ->
         return False
     import jax
 
-    logging.info("jax.distributed.initialize() (%s)",
+    kwargs = explicit_init_args(env)
+    logging.info("jax.distributed.initialize(%s) (%s)", kwargs,
                  "--multiprocess" if flag else detect_platform(env, metadata))
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
     return True
+
+
+def explicit_init_args(env: Mapping[str, str]) -> dict:
+    """jax.distributed.initialize() reads JAX_COORDINATOR_ADDRESS itself but not JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID (off a detected cluster it then fails): pass them when the launcher set them."""
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = _int(env["JAX_NUM_PROCESSES"], 1)
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = _int(env["JAX_PROCESS_ID"], 0)
+    return kwargs

@@ -82,20 +82,29 @@ def _jitted_sampler(net: Network, num_steps: int, sampler: str, guidance_scale: 
     return jax.jit(fn)
 
 
-def clip_inputs(shape, seed: int, start: int, count: int) -> tuple[jax.Array, jax.Array]:
+def clip_inputs(shape, seed: int, start: int, count: int, out_sharding=None) -> tuple[jax.Array, jax.Array]:
     """(noise [count, *shape], renoise keys [count]) of clips start..start+count.
 
     Everything a clip draws comes from its own key fold_in(key(seed), clip index), so a clip is the
     same whatever the batch size and whichever path (train-time samples, --mode=sample, FVD) asks.
+    out_sharding: made split over it (also across processes: every process runs the same program).
     """
-    return _clip_inputs(tuple(int(d) for d in shape), int(count), jax.random.key(seed), jnp.int32(start))
+    fn = _clip_inputs if out_sharding is None else _sharded_clip_inputs(out_sharding)
+    return fn(tuple(int(d) for d in shape), int(count), jax.random.key(seed), jnp.int32(start))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _clip_inputs(shape, count, key, start):
+@functools.lru_cache(maxsize=8)
+def _sharded_clip_inputs(out_sharding):
+    return jax.jit(_clip_inputs_impl, static_argnums=(0, 1), out_shardings=(out_sharding, out_sharding))
+
+
+def _clip_inputs_impl(shape, count, key, start):
     clip_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(count, dtype=jnp.int32))
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(clip_keys)
     return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(clip_keys)
+
+
+_clip_inputs = jax.jit(_clip_inputs_impl, static_argnums=(0, 1))
 
 
 def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
@@ -123,10 +132,14 @@ def generate_batches(config, net, params, labels: Sequence[int], num_steps: int,
     progress = Progress(what, len(labels), log=log)
     for start in range(0, len(labels), batch_size):
         count = min(batch_size, len(labels) - start)
-        z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size)
-        y = jnp.asarray(labels[start:start + count] + [0] * (batch_size - count), jnp.int32)
-        if shard:
-            z, y, keys = (jax.device_put(a, sharding.batch_sharding(mesh)) for a in (z, y, keys))
+        y = np.asarray(labels[start:start + count] + [0] * (batch_size - count), np.int32)
+        if shard:  # Made straight into the split (a device_put cannot reach other processes' devices).
+            out = sharding.batch_sharding(mesh)
+            z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size, out)
+            y = jax.make_array_from_callback(y.shape, out, lambda index, y=y: y[index])
+        else:
+            z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size)
+            y = jnp.asarray(y)
         videos = to_host(fn(params, z, y, keys))[:count]
         progress.update(count)
         yield videos

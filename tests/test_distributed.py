@@ -44,7 +44,7 @@ def test_single_host_does_not_initialize(env, metadata):
 
 def test_maybe_initialize_calls_jax_only_when_asked(monkeypatch):
     calls = []
-    monkeypatch.setattr("jax.distributed.initialize", lambda: calls.append(1))
+    monkeypatch.setattr("jax.distributed.initialize", lambda **kw: calls.append(1))
     monkeypatch.setattr(distributed, "read_tpu_metadata", lambda env: GCE_POD_METADATA)
     assert distributed.maybe_initialize(None, {}) and calls == [1]
     assert not distributed.maybe_initialize(False, {}) and calls == [1]
@@ -54,3 +54,11 @@ def test_maybe_initialize_calls_jax_only_when_asked(monkeypatch):
 
 def test_no_metadata_query_off_tpu_vms():
     assert distributed.read_tpu_metadata({"TPU_SKIP_MDS_QUERY": "1"}) == {}
+
+
+def test_explicit_env_passes_process_count_and_id(monkeypatch):
+    seen = []
+    monkeypatch.setattr("jax.distributed.initialize", lambda **kw: seen.append(kw))
+    env = {"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed.maybe_initialize(None, env)
+    assert seen == [{"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 1}]

@@ -3,8 +3,9 @@
 Order matters for three properties:
   * determinism and exact resumption: every random choice is a function of (seed, element index),
     and the iterator state (get_state/set_state, or orbax's grain handler) is just a position;
-  * disjoint hosts: every process shuffles the same global permutation and takes its strided slice,
-    so the processes read disjoint examples that together cover the epoch (minus < process_count);
+  * disjoint hosts: every process shuffles the same global permutation and takes its contiguous
+    block of each global batch, so the processes read disjoint examples that together cover the
+    epoch, and the global batches (augmentation included) do not depend on the process count;
   * fresh epochs: `repeat` after the shuffle reseeds it each epoch.
 Videos stay uint8 through the workers (4x less to move between processes). The training iterator
 keeps them uint8 all the way to the accelerator (4x less host->device traffic; the train step
@@ -212,6 +213,26 @@ def _transform(data_cfg, *, train: bool) -> _ClipTransform:
     )
 
 
+class _ProcessBlocks(grain.MapDataset):
+    """Element j of process i = global position (j // b) * B + i * b + j % b, with b = B / P."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._global, self._local, self._index = global_batch, global_batch // count, index
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        block, offset = divmod(j, self._local)
+        return self._parent[block * self._global + self._index * self._local + offset]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(global_batch={self._global}, index={self._index})"
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict,
     *,
@@ -242,16 +263,13 @@ def make_train_iterator(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     source = make_source(data_cfg)
-    # Equal slices keep every process in the same epoch; the < process_count leftovers change per
-    # epoch.
-    usable = len(source) - len(source) % process_count
-    if usable < process_count:
-        raise ValueError(f"{len(source)} examples cannot be split over {process_count} processes")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle()
-    ds = ds[process_index:usable:process_count].repeat(None)
-    # Processes draw independent augmentations: their seed mixes in the process index.
-    augment_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    # One global stream (shuffle, reshuffled each epoch; augmentation a function of the global
+    # position), cut into global batches; this process takes its contiguous block of every one. The
+    # global batches are thus the same for any process count (2 processes train like 1).
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])  # As before: 1 process unchanged.
     ds = ds.random_map(_transform(data_cfg, train=True), seed=augment_seed)
+    ds = _ProcessBlocks(ds, global_batch_size, process_index, process_count)
     return _to_iterator(ds, data_cfg, global_batch_size // process_count, drop_remainder=True,
                         float_video=float_video)
 
