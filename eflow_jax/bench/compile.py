@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -56,14 +55,9 @@ def measure(c, iters: int, init_state) -> dict:
     state, batch = init_state(prog), bench_train.random_batch(prog, c.model.num_classes)
     state, m = prog.step(state, batch)
     loss = float(m["loss"])
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        state, m = prog.step(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
+    _, _, step_s = bench_train.median_step_s(prog.step, state, lambda: batch, iters)
     return dict(lower_s=lower_s, compile_s=prog.compile_s, stablehlo_lines=stablehlo.count("\n"),
-                hlo_lines=prog.step.as_text().count("\n"), step_ms=1e3 * statistics.median(times),
+                hlo_lines=prog.step.as_text().count("\n"), step_ms=1e3 * step_s,
                 first_loss=loss)
 
 

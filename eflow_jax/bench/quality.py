@@ -21,7 +21,6 @@ import argparse
 import fcntl
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from eflow_jax import config_file, loop, sample, sharding, train
+from eflow_jax.bench import train as bench_train
 from eflow_jax.data import pipeline
 from eflow_jax.flow import probe
 
@@ -122,14 +122,9 @@ def _time_alone(prog, state, batches, timing_dir: str, tag: str, parallel: int, 
         time.sleep(1.0)
     with open(os.path.join(timing_dir, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        times = []
-        for _ in range(steps):
-            batch = next(batches)
-            start = time.perf_counter()
-            state, metrics = prog.step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-    return round(1e3 * statistics.median(times[5:]), 3)
+        state, _, _ = bench_train.median_step_s(prog.step, state, lambda: next(batches), 5)  # Warm-up.
+        _, _, step_s = bench_train.median_step_s(prog.step, state, lambda: next(batches), steps)
+    return round(1e3 * step_s, 3)
 
 
 def main() -> None:

@@ -82,6 +82,18 @@ def random_batch(prog: train.Program, num_classes: int, seed: int = 0) -> dict:
             "label": jax.device_put(jax.random.randint(keys[1], label.shape, 0, num_classes), label.sharding)}
 
 
+def median_step_s(step, state, next_batch, iters: int):
+    """(state, metrics, median seconds) of `iters` awaited calls of `step` (it donates the state)."""
+    times, metrics = [], None
+    for _ in range(iters):
+        batch = next_batch()
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return state, metrics, statistics.median(times)
+
+
 def time_train_step(c, iters: int) -> dict:
     """Times the step `train.setup` compiles: the program the training CLI runs for config `c`."""
     prog = train.setup(c)
@@ -89,13 +101,7 @@ def time_train_step(c, iters: int) -> dict:
     batch = random_batch(prog, c.model.num_classes)
     state, m = prog.step(state, batch)  # Warm-up (first-run allocations), excluded.
     jax.block_until_ready(m)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        state, m = prog.step(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
-    med = statistics.median(times)
+    state, m, med = median_step_s(prog.step, state, lambda: batch, iters)
     flops = dit.count_flops(c.model).as_dict()
     fe = cost.forward_equivalents(c.objective, flops, c.batch_size, c.model.decoupled)
     tflops = prog.flops_per_step / med / jax.device_count() / 1e12
