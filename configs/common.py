@@ -47,6 +47,10 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
     c.model = dit.model_config(variant)
     c.data = pipeline.default_data_config()
     c.objective = objectives.default_objective_config(objective)
+    if c.objective.token_drop:
+        # SPRINT's recipe: train token-dropped, then dense for the last 10% of the steps. Sampling is
+        # dense, and without this phase the few-step samples lag far behind (docs/QUALITY.md).
+        c.objective.dense_finetune_frac = 0.1
     c.optim = optim.optim_config()
     c.mesh = sharding.mesh_config()
     c.checkpoint = train.checkpoint_config()

@@ -38,10 +38,9 @@ def get_config(arg=None):
         c.data.update(source="latents", path="/data/kinetics700_latents", num_frames=5,
                       resolution=32, channels=16)
         c.model.update(video_shape=(5, 32, 32, 16), patch=(1, 2, 2), tile=(5, 4, 4), cell=(1, 4, 4))
-    if c.objective.token_drop:  # SPRINT: pretrain at drop 0.75, then dense for the last ~10% (docs/METHOD.md 4.2).
-        c.objective.dense_finetune_frac = 0.1
     if a.baseline:  # Standard solution flow on a dense DiT (the 2.5x throughput baseline).
         c.model.update(mode="full", keep_per_group=4, decoupled=False)
+        c.objective.dense_finetune_frac = 0.0  # Nothing is dropped, so there is no dense phase.
     if a.short:  # The EMA and lr warmups scale with the run; train.validate warns when they do not fit.
         c.total_steps = a.steps
         c.optim.update(ema_decay=0.999, ema_warmup=True, warmup_steps=min(1_000, a.steps // 20))

@@ -26,5 +26,6 @@ def get_config(arg=None):
     c.optim.update(lr=3e-4, warmup_steps=200, ema_decay=0.999, ema_warmup=True, grad_clip=1.0)
     c.objective.r0, c.objective.r1 = 0.1, 0.01  # A short run: the l schedule ends at 1% of t - s.
     c.checkpoint.update(save_every=1000, keep_every=0)
-    c.log.update(every_steps=100, sample_every=0)
+    c.log.update(every_steps=100, sample_every=0, eval_every=1000)
+    c.eval.metric = "shapes"  # Scored by the gauge every log.eval_every steps and at the end.
     return c
