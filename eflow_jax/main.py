@@ -14,26 +14,12 @@ path, valid from any working directory (eflow_jax/config_file.py: how its import
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-def _cheap_cpu_compiles() -> None:
-    """On a host with no accelerator, XLA's LLVM level 0 compiles our graphs ~5x faster and runs
-    them no slower (measured: docs/BENCHMARKS.md). Must happen before jax initialises."""
-    has_accelerator = glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not has_accelerator and "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
-
-
-_cheap_cpu_compiles()
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from eflow_jax import config_file, distributed, evaluate, rundir, sample  # noqa: E402
+from eflow_jax import config_file, distributed, evaluate, rundir, sample
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]), a path from any "
