@@ -1,8 +1,10 @@
 r"""Class-conditional moving shapes (10 classes) at 16x32x32 or 16x64x64: the quality gauge's data.
 
 The data knows its ground truth (shape, colour and direction of motion per class), so samples can
-be scored without any pretrained network (`--eval.metric=shapes`, eflow_jax/eval/shapes.py). This
-is the setting of `python -m eflow_jax.bench.quality` (docs/QUALITY.md), variant S by default:
+be scored without any pretrained network (eflow_jax/eval/shapes.py): a run logs the gauge every
+log.eval_every steps and at its end. This is the setting of `python -m eflow_jax.bench.quality`
+(docs/QUALITY.md), variant S by default; on one H200, `:steps=2000` (about 2 minutes of steps after a
+~100 s compile) gives 2-step class accuracy 0.985 and Frechet 6.8:
 
     python -m eflow_jax.main --config=configs/shapes.py --workdir=/tmp/shapes_eflow
     python -m eflow_jax.main --config=configs/shapes.py:objective=flow_matching,size=64 --workdir=...
