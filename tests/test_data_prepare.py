@@ -344,6 +344,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _kill_all(parent, pids) -> None:
+    """Never leave a process behind, whatever a test failed on."""
+    parent.kill()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_sigterm_stops_the_workers(tmp_path):
     # Left running, the workers would keep writing into --out after the parent died.
     out = tmp_path / "out"
@@ -370,13 +380,8 @@ def test_sigterm_stops_the_workers(tmp_path):
         sizes = {p.name: p.stat().st_size for p in out.iterdir()}
         time.sleep(0.5)
         assert {p.name: p.stat().st_size for p in out.iterdir()} == sizes
-    finally:  # Never leave a process behind, whatever failed above.
-        parent.kill()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    finally:
+        _kill_all(parent, pids)
 
 
 def test_workers_stop_when_the_parent_is_killed(tmp_path):
@@ -408,10 +413,5 @@ def test_workers_stop_when_the_parent_is_killed(tmp_path):
         while any(map(_running, pids)) and time.time() < deadline:
             time.sleep(0.1)
         assert not any(map(_running, pids))
-    finally:  # Never leave a process behind, whatever failed above.
-        parent.kill()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    finally:
+        _kill_all(parent, pids)

@@ -63,14 +63,17 @@ def _bump(u, j):
     return u.at[:, j].add(jax.random.normal(jax.random.key(99), (u.shape[0], WIDTH)))
 
 
+def _setup(dropped: bool, keep_seed: int):
+    """(params, keep, ctx, n, u): a layer's params and one pass's tokens, token-dropped or dense."""
+    keep = _keep(keep_seed) if dropped else None
+    n = LAYOUT.num_keep if dropped else LAYOUT.num_tokens
+    return _params(), keep, _context(keep), n, _inputs(n)
+
+
 @pytest.mark.parametrize("dropped", [False, True])
 def test_local_only_token_reaches_exactly_its_tile(dropped):
     """A token changes every present query of its own tile and nothing outside it."""
-    params = _params()
-    keep = _keep(3) if dropped else None
-    ctx = _context(keep)
-    n = LAYOUT.num_keep if dropped else LAYOUT.num_tokens
-    u = _inputs(n)
+    params, keep, ctx, n, u = _setup(dropped, keep_seed=3)
     f = lambda x: _layer("local_only").apply({"params": params}, x, ctx)  # noqa: E731
     tiles = np.asarray(jnp.broadcast_to(ctx.tile_ids, (2, n)))
     for j in (0, n - 1):  # a token of the first tile and one of the last
@@ -83,11 +86,7 @@ def test_local_only_token_reaches_exactly_its_tile(dropped):
 @pytest.mark.parametrize("dropped", [False, True])
 def test_global_only_token_reaches_every_query(dropped):
     """A token changes every query (in other tiles and cells too): the global branch is global."""
-    params = _params()
-    keep = _keep(4) if dropped else None
-    ctx = _context(keep)
-    n = LAYOUT.num_keep if dropped else LAYOUT.num_tokens
-    u = _inputs(n)
+    params, keep, ctx, n, u = _setup(dropped, keep_seed=4)
     f = lambda x: _layer("global_only").apply({"params": params}, x, ctx)  # noqa: E731
     change = np.abs(np.asarray(f(_bump(u, 5)) - f(u))).max(-1)
     assert np.all(change > 1e-6)
@@ -126,11 +125,7 @@ def _np_pooled_attention(params, u, ctx):
 @pytest.mark.parametrize("dropped", [False, True])
 def test_global_pooling_is_the_mean_of_present_post_rope_keys_and_values(dropped):
     """global_only = softmax(q K_bar^T / sqrt(d)) V_bar with K_bar/V_bar the present-token means."""
-    params = _params()
-    keep = _keep(5) if dropped else None
-    ctx = _context(keep)
-    n = LAYOUT.num_keep if dropped else LAYOUT.num_tokens
-    u = _inputs(n)
+    params, keep, ctx, n, u = _setup(dropped, keep_seed=5)
     out = _layer("global_only").apply({"params": params}, u, ctx)
     ref, _, _ = _np_pooled_attention(params, u, ctx)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
@@ -144,11 +139,7 @@ def test_global_pooling_is_the_mean_of_present_post_rope_keys_and_values(dropped
 def test_global_only_token_acts_only_through_its_cell_summary(dropped):
     """After bumping token j, the other queries' outputs equal pooled attention with the old
     queries and the old summaries of every cell except j's: nothing else carries j."""
-    params = _params()
-    keep = _keep(6) if dropped else None
-    ctx = _context(keep)
-    n = LAYOUT.num_keep if dropped else LAYOUT.num_tokens
-    u = _inputs(n)
+    params, keep, ctx, n, u = _setup(dropped, keep_seed=6)
     j = 3
     u2 = _bump(u, j)
     out2 = np.asarray(_layer("global_only").apply({"params": params}, u2, ctx))
