@@ -8,6 +8,7 @@ what running from the repository root used to do by accident, done for any confi
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -61,3 +62,18 @@ def load_module(path: str) -> types.ModuleType:
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """get_config(arg) of the config file at `path` (the CLI's `--config=path:arg`)."""
     return load_module(path).get_config(arg)
+
+
+def override(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Applies a bench script's `--set FIELD=VALUE`: 'objective.guidance_scale=1.5',
+    'eval.shapes.num_steps=(1,2,4)', 'objective.token_drop=False' (Python literals), or a bare
+    string ('objective.mva.weighting=adaptive', 'train.compile_cache_dir=')."""
+    key, _, value = assignment.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    try:
+        node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        node[leaf] = value

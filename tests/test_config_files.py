@@ -73,3 +73,14 @@ def test_token_dropped_configs_end_with_the_dense_finetune(name, arg):
     dense_steps = c.total_steps - objectives.dense_from_step(c.objective, c.total_steps)
     drops = train.drop_ratio(c, dense=False) > 0
     assert dense_steps == (round(0.1 * c.total_steps) if drops else 0)
+
+
+def test_bench_overrides_parse_literals_and_bare_strings():
+    from eflow_jax import config_file
+
+    c = config_file.load(config_file.in_repo("shapes.py"), "")
+    for item in ("objective.guidance_scale=1.5", "eval.shapes.num_steps=(1,2,4)", "objective.token_drop=False",
+                 "objective.mva.weighting=adaptive", "train.compile_cache_dir="):
+        config_file.override(c, item)
+    assert (c.objective.guidance_scale, tuple(c.eval.shapes.num_steps), c.objective.token_drop,
+            c.objective.mva.weighting, c.train.compile_cache_dir) == (1.5, (1, 2, 4), False, "adaptive", "")

@@ -24,7 +24,6 @@ In order, all on one fresh persistent-compilation-cache directory (a temp dir):
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import statistics
@@ -72,15 +71,7 @@ def build_config(a: argparse.Namespace, cache_dir: str):
     c.checkpoint.update(save_every=10 * a.steps, keep_every=0)
     c.train.compile_cache_dir = cache_dir
     for item in a.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = c
-        for name in parents:
-            node = node[name]
-        try:
-            node[leaf] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            node[leaf] = value  # A bare string.
+        config_file.override(c, item)
     return c
 
 

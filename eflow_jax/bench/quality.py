@@ -33,22 +33,6 @@ from eflow_jax.data import pipeline
 from eflow_jax.flow import probe
 
 
-def _override(config: ml_collections.ConfigDict, assignment: str) -> None:
-    """'objective.mva.weighting=adaptive' -> config.objective.mva.weighting = 'adaptive' (typed)."""
-    key, _, text = assignment.partition("=")
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    old = node[leaf]
-    if isinstance(old, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--set {assignment}: {key} is a bool; use true or false.")
-        node[leaf] = text.lower() in ("true", "1")
-    else:
-        node[leaf] = type(old)(text) if old is not None else text
-
-
 def sample_settings(config: ml_collections.ConfigDict) -> list[tuple[str, int, ml_collections.ConfigDict]]:
     """(name, steps, sample config) of the samplers scored for this objective."""
     out = []
@@ -153,7 +137,7 @@ def main() -> None:
         config = config_file.load(config_file.in_repo("shapes.py"), f"objective={objective},size={a.size},"
                                   f"variant={a.variant},steps={a.steps},batch={a.batch}")
         for assignment in a.set:
-            _override(config, assignment)
+            config_file.override(config, assignment)
         for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true",
                                  a.timing_dir, a.parallel):
             line = json.dumps(row)
