@@ -1,19 +1,22 @@
-r"""Compile cost of the train step per model option: one JSON line per setting, cache off.
+r"""Compile cost of the train step per model option: one JSON line per setting, caches off.
 
     python -m eflow_jax.bench.compile                                   # EFlow-B, kinetics CLI shape
     python -m eflow_jax.bench.compile --variant=S --shape=8,32,32 --batch=4   # CPU-sized
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m eflow_jax.bench.compile --scan=0
 
-Settings: scan_layers off/on (x remat none/block with --remat). Each row: trace+lower seconds,
-compile seconds, StableHLO and optimised-HLO line counts, step time (median of --iters), and the
-loss of one step from the *same* weights (unrolled params stacked into the scanned layout), so
-scan_layers can be checked to change the compile, not the maths.
+Settings: scan_layers off/on (--scan; x remat none/block with --remat). XLA flags are per process:
+run once per XLA_FLAGS value (each row records it). Each row: trace+lower seconds, compile seconds,
+optimised-HLO line count (and StableHLO's with --stablehlo, one more lowering), step time (median
+of --iters), and the loss of one step; with both scan settings the scanned run starts from the
+unrolled run's weights stacked into its layout, so scan_layers can be checked to change the
+compile, not the maths.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
 
 import jax
 import jax.numpy as jnp
@@ -45,20 +48,19 @@ def build(a, scan: bool, remat: str):
     return c
 
 
-def measure(c, iters: int, init_state) -> dict:
+def measure(c, iters: int, init_state, stablehlo: bool) -> dict:
     prog = train.setup(c)
-    loss_fn = train.objectives.make_loss(c.objective, prog.net, c.total_steps)
-    start = time.perf_counter()
-    stablehlo = jax.jit(train.make_train_step(c, prog.net, prog.tx, loss_fn)).lower(
-        prog.abstract_state, prog.batch_spec).as_text()
-    lower_s = time.perf_counter() - start
+    row = dict(lower_s=prog.lower_s, compile_s=prog.compile_s, hlo_lines=prog.step.as_text().count("\n"))
+    if stablehlo:
+        loss_fn = train.objectives.make_loss(c.objective, prog.net, c.total_steps)
+        text = jax.jit(train.make_train_step(c, prog.net, prog.tx, loss_fn)).lower(
+            prog.abstract_state, prog.batch_spec).as_text()
+        row["stablehlo_lines"] = text.count("\n")
     state, batch = init_state(prog), bench_train.random_batch(prog, c.model.num_classes)
     state, m = prog.step(state, batch)
     loss = float(m["loss"])
     _, _, step_s = bench_train.median_step_s(prog.step, state, lambda: batch, iters)
-    return dict(lower_s=lower_s, compile_s=prog.compile_s, stablehlo_lines=stablehlo.count("\n"),
-                hlo_lines=prog.step.as_text().count("\n"), step_ms=1e3 * step_s,
-                first_loss=loss)
+    return dict(row, step_ms=1e3 * step_s, first_loss=loss)
 
 
 def main() -> None:
@@ -70,25 +72,29 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--remat", action="store_true", help="Also remat='block' rows.")
+    p.add_argument("--scan", default="0,1", help="scan_layers settings to measure: 0, 1 or 0,1.")
+    p.add_argument("--stablehlo", action="store_true", help="Also count StableHLO lines (one more lowering).")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     for remat in ("none", "block") if a.remat else ("none",):
         unrolled = {}
 
-        def init_unrolled(prog):
+        def init_unrolled(prog, unrolled=unrolled):
             unrolled["prog"] = prog
             return prog.init_state(a.seed)
 
-        def init_stacked(prog):  # The unrolled run's initial weights in the scanned layout.
+        def init_stacked(prog, unrolled=unrolled):  # The unrolled run's initial weights in the scanned layout.
+            if "prog" not in unrolled:
+                return prog.init_state(a.seed)
             state = stack_layers(unrolled["prog"].init_state(a.seed))
             return jax.device_put(state, prog.state_shardings)
 
-        for scan in (False, True):
-            row = measure(build(a, scan, remat), a.iters, init_stacked if scan else init_unrolled)
+        for scan in (bool(int(v)) for v in a.scan.split(",")):
+            row = measure(build(a, scan, remat), a.iters, init_stacked if scan else init_unrolled, a.stablehlo)
             print(json.dumps(dict(bench="compile", device=device, variant=a.variant, objective=a.objective,
-                                  shape=a.shape, batch=a.batch, scan_layers=scan, remat=remat, **row)),
-                  flush=True)
+                                  shape=a.shape, batch=a.batch, scan_layers=scan, remat=remat,
+                                  xla_flags=os.environ.get("XLA_FLAGS", ""), **row)), flush=True)
 
 
 if __name__ == "__main__":
