@@ -1,5 +1,7 @@
 """Train/eval iterators over every source kind, corrupt records, config validation."""
 
+import time
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -302,3 +304,26 @@ def test_validate_empty_dataset_and_latent_mismatch(configs, tmp_path):
     missing.tfds_name = "no_such_dataset"
     with pytest.raises(FileNotFoundError, match="no_such_dataset"):
         pipeline.validate_data_config(missing, model_frames=4, model_size=16, model_channels=3)
+
+
+def test_flipped_clips_leave_the_transform_contiguous():
+    cfg = pipeline.default_data_config()
+    cfg.update(source="synthetic", num_examples=8, num_frames=4, resolution=16, random_flip=True)
+    source, transform = pipeline.make_source(cfg), pipeline._transform(cfg, train=True)
+    rng = np.random.default_rng(0)
+    videos = [transform.random_map(source[i % 8], rng)["video"] for i in range(16)]
+    assert all(v.flags.c_contiguous for v in videos)  # Else grain's workers pickle them through a pipe.
+
+
+def test_closing_ends_the_data_workers_at_once():
+    # Strided (flipped) clips went through the workers' result pipes; at close the pipes stayed
+    # full and grain waited its 25 s kill timeout per worker (200 s after every 8-worker H200 run).
+    cfg = pipeline.default_data_config()
+    cfg.update(source="synthetic", num_examples=64, num_frames=8, resolution=64, random_flip=True,
+               worker_count=2, read_threads=1)  # 98 KB clips: one fills a pipe.
+    it = pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0, float_video=False)
+    for _ in range(3):
+        assert next(it)["video"].shape == (4, 8, 64, 64, 3)
+    start = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - start < 20, "a data worker outlived close() (its result pipe was full)"
