@@ -291,15 +291,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     with contextlib.ExitStack() as closing:
         closing.enter_context(rundir.WorkdirLock(workdir, enabled=jax.process_index() == 0))
         guard = closing.enter_context(checkpoint.PreemptionGuard(STOP_SIGNALS))
-        return _train(config, workdir, setup(config), guard, closing)
+        # ---- Input: uint8 batches; its worker processes start while the step compiles ----
+        data_iter = pipeline.make_train_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(), float_video=False)
+        closing.callback(getattr(data_iter, "close", lambda: None))
+        with loop.workers_started_early(data_iter, enabled=config.data.worker_count > 0):
+            prog = setup(config)
+        return _train(config, workdir, prog, data_iter, guard, closing)
 
 
-def _train(config, workdir: str, prog: Program, guard, closing: contextlib.ExitStack) -> state_lib.TrainState:
-    # ---- Input: uint8 batches, put on the device ahead of the step that uses them ----
-    data_iter = pipeline.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(), float_video=False)
-
+def _train(config, workdir: str, prog: Program, data_iter, guard, closing: contextlib.ExitStack
+           ) -> state_lib.TrainState:
     # ---- Shard & restore (workdir -> init_from -> scratch) ----
     ckpt = checkpoint.Checkpointer(
         rundir.ckpt_dir(workdir), save_every=config.checkpoint.save_every,

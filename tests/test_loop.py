@@ -95,3 +95,57 @@ def _without_debug_info(hlo: str) -> str:
     """The program without source locations, which name the caller's file (bench vs CLI)."""
     hlo = re.sub(r"\nFileNames\n.*?\n\n\n", "\n", hlo, flags=re.S)  # File/function/frame tables.
     return re.sub(r", metadata=\{[^}]*\}", "", hlo)
+
+
+class _CountingIter:
+    def __init__(self, fail: bool = False):
+        self.position, self.fail, self.restored = 0, fail, []
+
+    def __next__(self):
+        if self.fail:
+            raise RuntimeError("bad record")
+        self.position += 1
+        return self.position
+
+    def get_state(self):
+        return {"next_index": self.position}
+
+    def set_state(self, state):
+        self.restored.append(state)
+        self.position = state["next_index"]
+
+
+def test_workers_started_early_leave_the_position_unchanged_and_raise_data_errors():
+    it = _CountingIter()
+    with loop.workers_started_early(it):
+        pass
+    assert it.restored == [{"next_index": 0}] and next(it) == 1  # The warm-up draw is rewound.
+    with pytest.raises(RuntimeError, match="bad record"):
+        with loop.workers_started_early(_CountingIter(fail=True)):
+            pass
+    idle = _CountingIter()
+    with loop.workers_started_early(idle, enabled=False):
+        pass
+    assert idle.restored == [] and idle.position == 0
+
+
+def test_data_workers_run_during_the_block_and_batches_do_not_change():
+    import multiprocessing
+    import time
+
+    cfg = _data_cfg()
+    cfg.update(worker_count=2, random_flip=True)
+    want = pipeline.make_train_iterator(cfg, global_batch_size=4, seed=1, float_video=False)
+    want_batches = [next(want)["video"] for _ in range(3)]
+    want.close()
+    it = pipeline.make_train_iterator(cfg, global_batch_size=4, seed=1, float_video=False)
+    before = len(multiprocessing.active_children())
+    with loop.workers_started_early(it):
+        deadline = time.monotonic() + 60
+        while len(multiprocessing.active_children()) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(multiprocessing.active_children()) >= before + 2, "no data worker started in the block"
+    got = [next(it)["video"] for _ in range(3)]
+    it.close()
+    for w, g in zip(want_batches, got, strict=True):
+        np.testing.assert_array_equal(g, w)
