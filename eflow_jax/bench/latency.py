@@ -126,7 +126,7 @@ def run(args) -> list[dict]:
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     modes = {"few_step": args.mode, "baseline": args.baseline_mode or args.mode}
     built = {}
-    for role, mode in modes.items():
+    for _role, mode in modes.items():
         if mode not in built:
             cfg = model_config(args, mode)
             model, net = dit.make_network(cfg)

@@ -273,8 +273,8 @@ class ShapesGauge:
             raise ValueError(f"labels must be in [0, {self.geometry.num_classes}), got {labels.min()}..{labels.max()}")
         counts = np.bincount(labels, minlength=self.geometry.num_classes)
         pools, start, chunk = [[] for _ in counts], 0, len(labels) + 8 * len(counts)  # Usually one pass.
-        while any(len(p) < n for p, n in zip(pools, counts)):
-            for video, y in zip(*real_clips(self.geometry, seed, chunk, start=start)):
+        while any(len(p) < n for p, n in zip(pools, counts, strict=True)):
+            for video, y in zip(*real_clips(self.geometry, seed, chunk, start=start), strict=True):
                 pools[y].append(video)
             start += chunk
         by_class = [iter(p) for p in pools]

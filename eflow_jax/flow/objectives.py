@@ -271,7 +271,7 @@ def make_loss(obj_cfg: ml_collections.ConfigDict, net: Network, total_steps: int
         n_full, n_weak, n_con = split_sizes(c, batch)
         n_vel = n_full + n_weak
         k = dict(zip(("eps", "drop", "tv", "tc", "snap", "lam", "keep_v", "keep_c"),
-                     jax.random.split(rng, 8)))
+                     jax.random.split(rng, 8), strict=True))
         eps = jax.random.normal(k["eps"], x0.shape, x0.dtype)
         uncond = jax.random.uniform(k["drop"], (batch,)) < c.label_drop
         y = y.astype(jnp.int32)
