@@ -31,9 +31,9 @@ def get_config(arg=None):
                   num_frames=16, resolution=128, worker_count=8, random_flip=a.flip)
     c.model.update(num_classes=700, video_shape=(16, 128, 128, 3), patch=(2, 8, 8), tile=(4, 4, 4),
                    cell=(2, 4, 4), drop_group=(1, 2, 2))
-    # model.scan_layers=True gives the same losses with half the HLO and ~1/3 less compile time on CPU
-    # (docs/BENCHMARKS.md), but its GPU step time is unmeasured and it stores the blocks' params in
-    # another layout (a run cannot switch mid-way), so it stays opt-in for now.
+    # model.scan_layers=True gives the same losses with half the HLO and ~1/4-1/3 less compile time,
+    # but on an H200 its step is 2.4x slower (docs/BENCHMARKS.md), and it stores the blocks' params in
+    # another layout (a run cannot switch mid-way): opt-in, for compile-bound CPU runs.
     if a.data == "latents":  # 17x256^2 through a 4x8x8, 16-channel VAE: 5x32x32x16 latents.
         c.data.update(source="latents", path="/data/kinetics700_latents", num_frames=5,
                       resolution=32, channels=16)
