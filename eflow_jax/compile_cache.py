@@ -11,7 +11,10 @@ Two layers, one directory (`train.compile_cache_dir`):
                  and the input shapes and shardings. A hit loads in about a second, with no tracing.
                  Any change to those misses and compiles (then through the XLA layer, if only
                  Python changed that the program does not see). A file that fails to load is
-                 deleted and the step compiled: a bad entry costs a compile, never a run.
+                 deleted and the step compiled: a bad entry costs a compile, never a run. Only
+                 fresh compiles are saved (XLA:CPU re-serializes an executable it loaded from
+                 jax's layer without its kernels), so after an edit that leaves the program as it
+                 was, restarts trace and load XLA's compile until jax's entry is evicted.
 
 Only point the directory at a place you alone can write to: both layers run what they find there.
 """
