@@ -8,8 +8,9 @@ In order, all on one fresh compile-cache directory (a temp dir), each row with `
 the start; the train loop's own log lines go to stderr with timestamps):
   1. `cli`:   train.train_and_evaluate (what `python -m eflow_jax.main` runs) for --steps steps on
               the config's data (synthetic by default, worker_count as the config ships it):
-              examples/s of the log windows after the first, data_wait_frac, host_frac, and the
-              cold compile time of the step.
+              examples/s of the log windows after the first, data_wait_frac, host_frac, the
+              cold compile time of the step, and the waits at both ends (to the first log row,
+              after the last one).
   2. `warm_start`: a second process calls train.setup on the same cache: the compile time a
               restart pays (`compile_source` should be 'executable': loaded whole, not traced).
   3. `bench`: bench/train.py's timing of the step train.setup compiles for the same config, on one
@@ -88,7 +89,9 @@ def emit(row: dict) -> None:
 
 
 def run_cli(c, workdir: str) -> dict:
+    start = time.time()  # Wall clock: metrics rows carry time.time().
     train.train_and_evaluate(c, workdir)
+    end = time.time()
     with open(rundir.metrics_path(workdir)) as f:
         rows = [json.loads(line) for line in f]
     steady = rows[1:] or rows  # The first window holds the pipeline's start-up.
@@ -99,7 +102,10 @@ def run_cli(c, workdir: str) -> dict:
                 lower_s=rows[0]["lower_s"],
                 compile_cache_hit=bool(rows[0]["compile_cache_hit"]), windows=len(steady),
                 trace_skipped=bool(rows[0]["trace_skipped"]),
-                first_window_examples_per_s=rows[0]["examples_per_s"])
+                first_window_examples_per_s=rows[0]["examples_per_s"],
+                # What a user waits for: until the first log row (setup, compile, data start, the
+                # first window), and from the last row to the return (final save, closing workers).
+                to_first_log_s=rows[0]["time"] - start, after_last_log_s=end - rows[-1]["time"])
 
 
 def main(argv=None) -> None:
