@@ -162,13 +162,17 @@ def save_executable(path: str, compiled) -> None:
     except (ValueError, NotImplementedError) as e:  # A backend without serialization: nothing to save.
         logging.warning("compile cache: this executable cannot be serialized (%s)", e)
         return
+    # The devices it runs on, in the executable's order (its mesh may use some, or reorder them).
+    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        # The devices it runs on, in the executable's order (its mesh may use some, or reorder them).
-        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
-        pickle.dump((payload, in_tree, out_tree, device_ids), f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump((payload, in_tree, out_tree, device_ids), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    finally:  # A failed write (disk full) leaves no partial file behind.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
     _prune(os.path.dirname(path), KEEP_EXECUTABLES)
 
 

@@ -143,12 +143,12 @@ def main(argv=None) -> None:
         t, size = c.model.video_shape[0], c.model.video_shape[1]
         path = bench_data.prepare_bench_dataset(bench_data.real_video_paths(), root, size)
         c.data.update(source="arrayrecord", path=path, num_frames=t, resolution=size)
-        ar = run_cli(c, os.path.join(root, "cli_arrayrecord_run"))
-        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count, **ar))
-        ar = dict(arrayrecord_examples_per_s=ar["examples_per_s"],
-                  arrayrecord_over_bench=ar["examples_per_s"] / bench["examples_per_s"],
-                  arrayrecord_over_pipelined=ar["examples_per_s"] / bench["pipelined_examples_per_s"],
-                  arrayrecord_data_wait_frac=ar["data_wait_frac"])
+        run = run_cli(c, os.path.join(root, "cli_arrayrecord_run"))
+        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count, **run))
+        ar = dict(arrayrecord_examples_per_s=run["examples_per_s"],
+                  arrayrecord_over_bench=run["examples_per_s"] / bench["examples_per_s"],
+                  arrayrecord_over_pipelined=run["examples_per_s"] / bench["pipelined_examples_per_s"],
+                  arrayrecord_data_wait_frac=run["data_wait_frac"])
     emit(dict(phase="summary", **common, bench_examples_per_s=bench["examples_per_s"],
               bench_pipelined_examples_per_s=bench["pipelined_examples_per_s"],
               cli_examples_per_s=cli["examples_per_s"],
