@@ -187,7 +187,7 @@ def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple
     """The compiled program: our executable cache, else lower() + compile (through jax's cache).
 
     Returns (compiled, facts) with facts = compile_s (wall, all of it), lower_s (tracing and
-    lowering; 0 on an executable hit) and source: 'executable' (loaded whole), 'xla_cache' (traced,
+    lowering; 0 on an executable hit), save_s (writing our executable; part of compile_s) and source: 'executable' (loaded whole), 'xla_cache' (traced,
     XLA's compile skipped) or 'compiled'. With cache_dir '' or several processes (each would need its
     own entry; jax's layer still serves them) only the second and third happen.
     """
@@ -196,15 +196,18 @@ def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple
     path = os.path.join(executables_dir(cache_dir), f"{key}.exe") if use_executables else ""
     compiled = load_executable(path) if path else None
     if compiled is not None:
-        return compiled, dict(compile_s=time.perf_counter() - start, lower_s=0.0, source="executable")
+        return compiled, dict(compile_s=time.perf_counter() - start, lower_s=0.0, save_s=0.0,
+                              source="executable")
     hits = cache_hits()
     lowered = lower()
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     source = "xla_cache" if cache_hits() > hits else "compiled"
+    saved = time.perf_counter()
     if path and source == "compiled":
         # Only fresh compiles: XLA:CPU re-serializes an executable loaded from jax's cache without its
         # kernels ("Function multiply_power_fusion not found" when the copy runs). The next restart
         # then traces and hits jax's layer again, which is all this one did.
         save_executable(path, compiled)
-    return compiled, dict(compile_s=time.perf_counter() - start, lower_s=lower_s, source=source)
+    end = time.perf_counter()
+    return compiled, dict(compile_s=end - start, lower_s=lower_s, save_s=end - saved, source=source)

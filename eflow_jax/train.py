@@ -188,6 +188,7 @@ class Program:
     compile_s: float  # Trace + lower + compile, or the load from the compile cache.
     lower_s: float  # Tracing and lowering (0 when the whole executable was loaded).
     compile_source: str  # 'executable' (loaded whole), 'xla_cache' (traced, XLA skipped) or 'compiled'.
+    save_s: float  # Writing the fresh executable to the compile cache (part of compile_s).
     flops_per_step: float  # Of `step` (the token-dropped phase when there is a dense fine-tune).
     # SPRINT's dense fine-tune (objective.dense_finetune_frac): loop steps > dense_from run the dense program,
     # compiled lazily by the first step_for past the switch. Lazily: runs that stop (or are preempted)
@@ -258,7 +259,8 @@ def setup(config: ml_collections.ConfigDict) -> Program:
     dense_from = objectives.dense_from_step(config.objective, config.total_steps)
     has_dense = dense_from < config.total_steps
     return Program(mesh, model, net, tx, abstract_state, state_shardings, batch_spec, compiled,
-                   facts["compile_s"], facts["lower_s"], facts["source"], train_flops_per_step(config),
+                   facts["compile_s"], facts["lower_s"], facts["source"], facts["save_s"],
+                   train_flops_per_step(config),
                    dense_from=dense_from, dense_flops_per_step=train_flops_per_step(config, dense=True),
                    compile_dense=(lambda: compile_step(dense=True)[0]) if has_dense else None)
 
@@ -344,7 +346,7 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
     sums, clock = loop.MetricSums(), loop.Clock()
     last_good, window_start, step = ckpt.latest_step(), start_step, start_step
     # The first logged row also says how long the step took to compile, and if the cache had it.
-    startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s,
+    startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s, compile_save_s=prog.save_s,
                    compile_cache_hit=float(prog.compile_source != "compiled"),  # XLA's compile skipped.
                    trace_skipped=float(prog.compile_source == "executable"))  # Tracing skipped too.
     # A stop signal during setup or the compile: leave before step one (nothing new to save).

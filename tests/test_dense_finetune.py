@@ -59,7 +59,7 @@ def test_cost_model_knows_both_phases():
     assert run["dropped_steps"] == 90
     assert run["per_example"] == pytest.approx(0.9 * run["per_example_dropped"] + 0.1 * run["per_example_dense"])
     # The logged TFLOP/s of a window that straddles the switch use the mean of its steps.
-    prog = train.Program(*[None] * 11, flops_per_step=1.0, dense_from=90, dense_flops_per_step=3.0,
+    prog = train.Program(*[None] * 12, flops_per_step=1.0, dense_from=90, dense_flops_per_step=3.0,
                          compile_dense=lambda: "dense")
     assert prog.mean_flops_per_step(80, 90) == 1.0 and prog.mean_flops_per_step(90, 100) == 3.0
     assert prog.mean_flops_per_step(85, 95) == 2.0

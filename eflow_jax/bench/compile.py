@@ -3,6 +3,7 @@ r"""Compile cost of the train step per model option: one JSON line per setting, 
     python -m eflow_jax.bench.compile                                   # EFlow-B, kinetics CLI shape
     python -m eflow_jax.bench.compile --variant=S --shape=8,32,32 --batch=4   # CPU-sized
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m eflow_jax.bench.compile --scan=0
+    python -m eflow_jax.bench.compile --scan=0 --cache_dir=$(mktemp -d)   # as the CLI compiles: caches on
 
 Settings: scan_layers off/on (--scan; x remat none/block with --remat). XLA flags are per process:
 run once per XLA_FLAGS value (each row records it). Each row: trace+lower seconds, compile seconds,
@@ -44,13 +45,15 @@ def build(a, scan: bool, remat: str):
         c.model.patch = tuple(a.patch)
     c.data.update(source="synthetic", path="", num_frames=t, resolution=h, worker_count=0)
     c.batch_size = a.batch
-    c.train.update(compile_cache_dir="", check_memory=False)  # Cold compiles only.
+    # Cold compiles only: no cache, or (--cache_dir, a new directory) the caches the CLI writes as it compiles.
+    c.train.update(compile_cache_dir=a.cache_dir, check_memory=False)
     return c
 
 
 def measure(c, iters: int, init_state, stablehlo: bool) -> dict:
     prog = train.setup(c)
-    row = dict(lower_s=prog.lower_s, compile_s=prog.compile_s, hlo_lines=prog.step.as_text().count("\n"))
+    row = dict(lower_s=prog.lower_s, compile_s=prog.compile_s, save_s=prog.save_s,
+               compile_source=prog.compile_source, hlo_lines=prog.step.as_text().count("\n"))
     if stablehlo:
         loss_fn = train.objectives.make_loss(c.objective, prog.net, c.total_steps)
         text = jax.jit(train.make_train_step(c, prog.net, prog.tx, loss_fn)).lower(
@@ -75,6 +78,7 @@ def main() -> None:
     p.add_argument("--scan", default="0,1", help="scan_layers settings to measure: 0, 1 or 0,1.")
     p.add_argument("--stablehlo", action="store_true", help="Also count StableHLO lines (one more lowering).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache_dir", default="", help="train.compile_cache_dir ('' = off); pass a new directory.")
     a = p.parse_args()
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     for remat in ("none", "block") if a.remat else ("none",):
@@ -94,7 +98,9 @@ def main() -> None:
             row = measure(build(a, scan, remat), a.iters, init_stacked if scan else init_unrolled, a.stablehlo)
             print(json.dumps(dict(bench="compile", device=device, variant=a.variant, objective=a.objective,
                                   shape=a.shape, batch=a.batch, scan_layers=scan, remat=remat,
-                                  xla_flags=os.environ.get("XLA_FLAGS", ""), **row)), flush=True)
+                                  xla_flags=os.environ.get("XLA_FLAGS", ""), cache_dir=a.cache_dir,
+                                  xla_caches=jax.config.jax_persistent_cache_enable_xla_caches, **row)),
+                  flush=True)
 
 
 if __name__ == "__main__":
