@@ -5,6 +5,9 @@ returns a per-sample loss vector [n] and a dict of scalar metrics; objectives.py
 branches into `flow_matching`, `solution_flow` and `eflow`. All reductions are per sample
 over every non-batch axis, so the same code serves [B, D] toys and [B, T, H, W, C] video.
 
+Passes whose output is stop-gradient also take stop-gradient params (`frozen`): the gradient is
+the same, and jax then does not linearize them (most of the step's tracing time otherwise).
+
 Weights follow SoFlow (docs/METHOD.md section 3), with sg = stop-gradient:
   velocity     w_v = sg 1 / (|d_s b(t,t)| (mean_d D^2 + eps)^p),   L_v = w_v mean_d D^2
   consistency  dq = sg (f_t - f_l) / (t - l),  w_c = sg 1 / (mean_d dq^2 + eps)^p,
@@ -64,6 +67,11 @@ class Guidance(NamedTuple):
     weak_label: str = "null"  # 'null' (SPRINT), 'cond' (pure autoguidance ablation) or 'independent'
     uncond_dropped: bool = False  # cfg ablation: run the unconditional pass token-dropped
     weak_path: str = "drop_middle"  # or 'skip_half' (STG-style ablation): see Network.weak
+
+
+def frozen(params: Params) -> Params:
+    """Params for a pass whose output is stop-gradient (so jax need not linearize it)."""
+    return jax.lax.stop_gradient(params)
 
 
 def per_sample_mse(delta: jax.Array) -> jax.Array:
@@ -175,7 +183,7 @@ def solution_consistency(
       it; the MVA term reuses it per sample).
     """
     x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
-    f_l = path.solution_map(x_l, net(params, x_l, l, s, y_in, keep), l, s)
+    f_l = path.solution_map(x_l, net(frozen(params), x_l, l, s, y_in, keep), l, s)  # Only in sg dq.
     f_t = path.solution_map(x_t, N, t, s)
     dq = jax.lax.stop_gradient((f_t - f_l) / path.bcast(t - l, f_t))
     dq_mse = per_sample_mse(dq)
@@ -211,7 +219,7 @@ def mva_regularizer(
     m = t + lam * (s - t)
     u1 = jax.lax.stop_gradient(query(m))
     x_m = path.euler_step(x_t, u1, t, m)
-    u2 = jax.lax.stop_gradient(net(params, x_m, m, s, y_in, keep))
+    u2 = jax.lax.stop_gradient(net(frozen(params), x_m, m, s, y_in, keep))
     lam_b = path.bcast(lam, N)
     residual = per_sample_mse(N - (lam_b * u1 + (1.0 - lam_b) * u2))
     if weighting == "consistency":
@@ -248,12 +256,12 @@ def consistency_branch(
         trunk_sg = jax.lax.stop_gradient(trunk)
 
         def query(s_query):
-            return jax.lax.stop_gradient(net.decode(params, trunk_sg, b.t, s_query, y_in))
+            return jax.lax.stop_gradient(net.decode(frozen(params), trunk_sg, b.t, s_query, y_in))
     else:
         N = net(params, x_t, b.t, b.s, y_in, b.keep)
 
         def query(s_query):
-            return jax.lax.stop_gradient(net(params, x_t, b.t, s_query, y_in, b.keep))
+            return jax.lax.stop_gradient(net(frozen(params), x_t, b.t, s_query, y_in, b.keep))
 
     metrics: Metrics = {}
     v_pred_graded = None

@@ -13,6 +13,7 @@ every block sees c_dec (SoFlow's joint conditioning) and `encode` defers all wor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -211,9 +212,15 @@ def make_network(cfg: ml_collections.ConfigDict) -> tuple[EFlowDiT, Network]:
     layout = layout_of(cfg)
     drops = cfg.keep_per_group < layout.group_size
 
+    # Jitted so that each distinct call (shapes, dtypes, weak path) is traced and lowered once per
+    # program: the eflow step applies the network 16 times in a handful of distinct shapes, and
+    # tracing every application was most of its 12 s of tracing. XLA inlines the calls, so the
+    # compiled program is the same.
+    @functools.partial(jax.jit, static_argnums=5)
     def encode(params, x, t, y, keep, weak):
         return model.apply({"params": params}, x, t, y, keep, weak, method=EFlowDiT.encode)
 
+    @jax.jit
     def decode(params, trunk, t, s, y):
         return model.apply({"params": params}, trunk, t, s, y, method=EFlowDiT.decode)
 
