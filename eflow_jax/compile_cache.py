@@ -187,7 +187,8 @@ def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple
     """The compiled program: our executable cache, else lower() + compile (through jax's cache).
 
     Returns (compiled, facts) with facts = compile_s (wall, all of it), lower_s (tracing and
-    lowering; 0 on an executable hit), save_s (writing our executable; part of compile_s) and source: 'executable' (loaded whole), 'xla_cache' (traced,
+    lowering; 0 on an executable hit), save_s (writing our executable; part of compile_s) and
+    source: 'executable' (loaded whole), 'xla_cache' (traced,
     XLA's compile skipped) or 'compiled'. With cache_dir '' or several processes (each would need its
     own entry; jax's layer still serves them) only the second and third happen.
     """

@@ -4,6 +4,8 @@ r"""Compile cost of the train step per model option: one JSON line per setting, 
     python -m eflow_jax.bench.compile --variant=S --shape=8,32,32 --batch=4   # CPU-sized
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m eflow_jax.bench.compile --scan=0
     python -m eflow_jax.bench.compile --scan=0 --cache_dir=$(mktemp -d)   # as the CLI compiles: caches on
+    python -m eflow_jax.bench.compile --scan=0 --cache_dir=<that dir> --set=objective.mva.beta=0.5
+                                         # an edited program: XLA compiles, its autotune results cached
 
 Settings: scan_layers off/on (--scan; x remat none/block with --remat). XLA flags are per process:
 run once per XLA_FLAGS value (each row records it). Each row: trace+lower seconds, compile seconds,
@@ -47,6 +49,8 @@ def build(a, scan: bool, remat: str):
     c.batch_size = a.batch
     # Cold compiles only: no cache, or (--cache_dir, a new directory) the caches the CLI writes as it compiles.
     c.train.update(compile_cache_dir=a.cache_dir, check_memory=False)
+    for item in a.set:
+        config_file.override(c, item)
     return c
 
 
@@ -79,6 +83,9 @@ def main() -> None:
     p.add_argument("--stablehlo", action="store_true", help="Also count StableHLO lines (one more lowering).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default="", help="train.compile_cache_dir ('' = off); pass a new directory.")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="Config overrides (Python literals). With --cache_dir of an earlier run and a"
+                        " changed constant (objective.mva.beta=0.5), the compile after an edit.")
     a = p.parse_args()
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     for remat in ("none", "block") if a.remat else ("none",):
@@ -99,6 +106,7 @@ def main() -> None:
             print(json.dumps(dict(bench="compile", device=device, variant=a.variant, objective=a.objective,
                                   shape=a.shape, batch=a.batch, scan_layers=scan, remat=remat,
                                   xla_flags=os.environ.get("XLA_FLAGS", ""), cache_dir=a.cache_dir,
+                                  overrides=a.set,
                                   xla_caches=jax.config.jax_persistent_cache_enable_xla_caches, **row)),
                   flush=True)
 
