@@ -179,18 +179,61 @@ def test_eflow_shares_one_keep_and_one_trunk_per_sample(toy):
     cfg = default_objective_config("eflow")
     n_full, n_weak, n_con = split_sizes(cfg, 16)
     assert (n_full, n_weak, n_con) == (11, 1, 4)
-    jax.make_jaxpr(make_loss(cfg, spy.network(), 100))(params, x0, y, jax.random.PRNGKey(0), 5)
-    # Consistency samples: online trunk, target pass and MVA u2 pass use the same keep.
+    make_loss(cfg, spy.network(), 100)(params, x0, y, jax.random.PRNGKey(0), 5)  # Eager: masks are values.
+    # One graded pass serves the velocity and the consistency samples, each with its own mask.
+    shared = spy.select(kind="encode", n=n_full + n_con, weak=False)
+    assert len(shared) == 1 and shared[0]["keep"] is not None
+    assert len(spy.select(kind="decode", n=n_full + n_con)) == 1
+    assert not spy.select(kind="encode", n=n_full, weak=False)  # No separate velocity pass.
+    # Consistency samples: the target pass and the MVA u2 pass reuse the graded pass's mask.
     con = spy.select(kind="encode", n=n_con, weak=False)
-    assert len(con) == 3  # trunk once; v_pred and u1 reuse it (decoder-only)
-    assert all(c["keep"] is not None and c["keep"] is con[0]["keep"] for c in con)
-    assert len(spy.select(kind="decode", n=n_con)) == 6  # N, v_pred, u1, target, u2, weak ref
-    # Velocity samples: one graded dropped pass with its own mask; weak path passes are dense.
-    vel = spy.select(kind="encode", n=n_full, weak=False)
-    assert len(vel) == 1 and vel[0]["keep"] is not None
+    assert len(con) == 2  # v_pred and u1 reuse the graded trunk (decoder-only)
+    assert con[0]["keep"] is con[1]["keep"]
+    np.testing.assert_array_equal(shared[0]["keep"][n_full:], con[0]["keep"])
+    assert len(spy.select(kind="decode", n=n_con)) == 5  # v_pred, u1, target, u2, weak ref
+    # Velocity samples have a mask of their own; weak path passes are dense.
+    assert not np.array_equal(shared[0]["keep"][:n_con], con[0]["keep"])
     assert all(c["keep"] is None for c in spy.select(kind="encode", weak=True))
     assert len(spy.select(kind="encode", n=n_weak, weak=True)) == 1
-    assert vel[0]["keep"] is not con[0]["keep"]
+
+
+def test_shared_graded_pass_equals_separate_passes():
+    """eflow's one graded pass over the velocity and consistency samples gives the loss and the
+    gradient of a graded pass per sub-batch (float32; a tiny DiT with token drop)."""
+    from eflow_jax.models import dit
+
+    cfg = dit.model_config("tiny", video_shape=(4, 16, 16, 3), patch=(1, 2, 2), tile=(2, 4, 4),
+                           cell=(1, 4, 4), drop_group=(1, 2, 2), dtype="float32", num_classes=5,
+                           attention_impl="xla")
+    model, net = dit.make_network(cfg)
+    params = jax.tree.map(lambda p: 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                          jax.tree.map(lambda b: getattr(b, "value", b), dit.init_params(model, jax.random.key(0)),
+                                       is_leaf=lambda b: hasattr(b, "value")))
+    k = jax.random.split(jax.random.key(2), 8)
+    n_v, n_c, shape = 3, 2, (4, 16, 16, 3)
+    t_c, s_c = times.sample_consistency_times(k[4], n_c)
+    vel = br.VelocityBatch(jax.random.normal(k[0], (n_v, *shape)), jax.random.normal(k[1], (n_v, *shape)),
+                           jax.random.uniform(k[2], (n_v,), minval=0.1, maxval=0.9), jnp.array([0, 1, 2]),
+                           jnp.array([False, True, False]), net.sample_keep(k[3], n_v))
+    con = br.ConsistencyBatch(jax.random.normal(k[5], (n_c, *shape)), jax.random.normal(k[6], (n_c, *shape)),
+                              t_c, s_c, 0.5 * (t_c + s_c), jnp.array([3, 4]), jnp.array([False, False]),
+                              jnp.array([0.3, 0.6]), net.sample_keep(k[7], n_c))
+    g = br.Guidance(mode="path_drop", scale=2.0, mix=0.5)
+    opts = dict(p=1.0, eps=0.01)
+
+    def loss(params, shared: bool):
+        v_pred, graded = br.shared_graded_pass(params, net, vel, con) if shared else (None, None)
+        l_v, _ = br.velocity_branch(params, net, vel, g, v_pred=v_pred, **opts)
+        l_c, _ = br.consistency_branch(params, net, con, g, reuse_trunk=True, mva_beta=1.0, graded=graded,
+                                       **opts)
+        return l_v.sum() + l_c.sum()
+
+    (one, g_one), (two, g_two) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, shared)
+                                  for shared in (True, False))
+    np.testing.assert_allclose(one, two, rtol=1e-5)
+    flat_one, flat_two = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(x)]) for x in (g_one, g_two))
+    assert np.linalg.norm(flat_one - flat_two) < 1e-5 * np.linalg.norm(flat_two)
+    assert np.linalg.norm(flat_two) > 1e-3  # Not a comparison of zeros.
 
 
 def test_solution_flow_passes_are_dense_and_separate(toy):
@@ -272,7 +315,9 @@ def test_eflow_ablation_switches_trace(toy, overrides):
                                                                  jax.random.PRNGKey(0), 5)
     assert jaxpr.out_avals[0].shape == ()
     decodes = len(spy.select(kind="decode", n=4))
+    # The online N of the consistency samples is decoded in the shared graded pass (n = 15).
+    assert len(spy.select(kind="decode", n=15)) == 1
     if overrides.get("fm_on_con"):
-        assert decodes == 6  # graded v_pred replaces the stop-gradient mix query
+        assert decodes == 5  # graded v_pred replaces the stop-gradient mix query
     if overrides.get("guidance") == "none":
-        assert decodes == 2  # unguided, no MVA: just the online N and the target pass
+        assert decodes == 1  # unguided, no MVA: just the target pass

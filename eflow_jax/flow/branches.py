@@ -19,7 +19,7 @@ Weights follow SoFlow (docs/METHOD.md section 3), with sg = stop-gradient:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,19 +129,49 @@ def velocity_loss(
 
 def velocity_branch(
     params: Params, net: Network, b: VelocityBatch, g: Guidance, *, p: float, eps: float,
-    adaptive: bool = True, interpolant: str = "linear",
+    adaptive: bool = True, interpolant: str = "linear", v_pred: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Velocity loss on the full path: graded v_pred = F(x_t, t, t, y') vs the guided target.
 
-    The graded pass doubles as SoFlow's mix prediction (under stop-gradient).
+    The graded pass doubles as SoFlow's mix prediction (under stop-gradient). v_pred: that
+    pass's output when the caller ran it (`shared_graded_pass`); None runs it here.
     """
     x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
     y_in = labels_in(b.y, b.uncond_mask, net.null_label)
-    v_pred = net(params, x_t, b.t, b.t, y_in, b.keep)
+    if v_pred is None:
+        v_pred = net(params, x_t, b.t, b.t, y_in, b.keep)
     target = _target(net, params, x_t, v_t, jax.lax.stop_gradient(v_pred), b.t, b.y,
                      b.uncond_mask, b.keep, g)
     loss, mse, weight = velocity_loss(v_pred, target, b.t, p, eps, adaptive)
     return loss, {"vel_mse": mse.mean(), "vel_weight": weight.mean(), "vel_loss": loss.mean()}
+
+
+def shared_graded_pass(
+    params: Params, net: Network, vel: VelocityBatch, con: ConsistencyBatch, interpolant: str = "linear",
+) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+    """The velocity and consistency sub-batches' graded passes as one (EFlow's shared trunk).
+
+    Both are F(x_t, t, ., y') through the full, token-dropped path; they differ only in the query
+    time (s = t for velocity samples, s for consistency samples), which the decoder takes per
+    sample. One pass over both sub-batches computes the same function as two, and halves the
+    differentiated network code the step compiles (its largest part).
+    Returns (v_pred for `vel`, (trunk, N) for `con`): the arguments `velocity_branch(v_pred=)`
+    and `consistency_branch(graded=)` take.
+    """
+    n = vel.t.shape[0]
+
+    def cat(a, b):
+        return None if a is None else jnp.concatenate([a, b])
+
+    x_v, _ = path.interpolate(vel.x0, vel.eps, vel.t, interpolant)
+    x_c, _ = path.interpolate(con.x0, con.eps, con.t, interpolant)
+    y = cat(labels_in(vel.y, vel.uncond_mask, net.null_label),
+            labels_in(con.y, con.uncond_mask, net.null_label))
+    t = cat(vel.t, con.t)
+    trunk = net.encode(params, cat(x_v, x_c), t, y, cat(vel.keep, con.keep), False)
+    out = net.decode(params, trunk, t, cat(vel.t, con.s), y)
+    con_trunk = jax.tree.map(lambda a: a[n:], trunk)
+    return out[:n], (con_trunk, out[n:])
 
 
 def weak_branch(
@@ -241,18 +271,26 @@ def consistency_branch(
     params: Params, net: Network, b: ConsistencyBatch, g: Guidance, *, p: float, eps: float,
     reuse_trunk: bool, mva_beta: float = 0.0, mva_weighting: str = "consistency",
     fm_on_con: bool = False, adaptive: bool = True, interpolant: str = "linear",
+    graded: tuple[Any, jax.Array] | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Consistency loss (+ beta MVA, + optional FM) on one sub-batch.
 
     reuse_trunk=True (EFlow): the trunk h = encode(x_t, t, y', keep) is computed once; the
     graded N decodes it at s, and the stop-gradient queries at s = t (mix prediction) and at
     m (MVA u1) decode sg(h). reuse_trunk=False (SoFlow): every query is a separate full pass.
+    graded: (trunk, N) when the caller ran that graded pass (`shared_graded_pass`; needs
+    reuse_trunk); None runs it here.
     """
     x_t, v_t = path.interpolate(b.x0, b.eps, b.t, interpolant)
     y_in = labels_in(b.y, b.uncond_mask, net.null_label)
+    if graded is not None and not reuse_trunk:
+        raise ValueError("A precomputed graded pass (trunk, N) needs reuse_trunk=True.")
     if reuse_trunk:
-        trunk = net.encode(params, x_t, b.t, y_in, b.keep, False)
-        N = net.decode(params, trunk, b.t, b.s, y_in)
+        if graded is None:
+            trunk = net.encode(params, x_t, b.t, y_in, b.keep, False)
+            N = net.decode(params, trunk, b.t, b.s, y_in)
+        else:
+            trunk, N = graded
         trunk_sg = jax.lax.stop_gradient(trunk)
 
         def query(s_query):

@@ -225,12 +225,17 @@ def eflow_core(params: Params, net: Network, vel: VelocityBatch | None, weak: Ve
                ) -> tuple[jax.Array, Metrics]:
     """EFlow: token-dropped, path-drop-guided velocity + weak sub-batch + consistency with MVA.
 
-    The keep masks inside `vel` and `con` are used by every pass of their samples.
+    The keep masks inside `vel` and `con` are used by every pass of their samples. The graded
+    passes of `vel` and `con` run as one (br.shared_graded_pass).
     """
     g, metrics, vel_losses, con_loss = _guidance(c), {}, [], None
+    v_pred = graded = None
+    if vel is not None and con is not None:
+        v_pred, graded = br.shared_graded_pass(params, net, vel, con, c.interpolant)
     if vel is not None:
         loss, m = br.velocity_branch(params, net, vel, g, p=c.p, eps=c.eps,
-                                     adaptive=c.adaptive_weight, interpolant=c.interpolant)
+                                     adaptive=c.adaptive_weight, interpolant=c.interpolant,
+                                     v_pred=v_pred)
         vel_losses.append(loss)
         metrics.update(m)
     if weak is not None:
@@ -243,8 +248,8 @@ def eflow_core(params: Params, net: Network, vel: VelocityBatch | None, weak: Ve
         con_loss, m = br.consistency_branch(
             params, net, con, g, p=c.p, eps=c.eps, reuse_trunk=True,
             mva_beta=float(c.mva.beta) if c.mva.enabled else 0.0, mva_weighting=c.mva.weighting,
-            fm_on_con=c.fm_on_con,
-            adaptive=c.adaptive_weight, interpolant=c.interpolant)
+            fm_on_con=c.fm_on_con, adaptive=c.adaptive_weight, interpolant=c.interpolant,
+            graded=graded)
         metrics.update(m)
     n_weak = 0 if weak is None else weak.t.shape[0]
     n_all = sum(v.shape[0] for v in vel_losses) + (0 if con is None else con.t.shape[0])
