@@ -321,3 +321,13 @@ def test_eflow_ablation_switches_trace(toy, overrides):
         assert decodes == 5  # graded v_pred replaces the stop-gradient mix query
     if overrides.get("guidance") == "none":
         assert decodes == 1  # unguided, no MVA: just the target pass
+
+
+def test_shared_graded_pass_refuses_one_dropped_sub_batch(toy):
+    net, params = toy
+    x0, eps, y, t, s = _batch(4)
+    no = jnp.zeros((4,), bool)
+    vel = br.VelocityBatch(x0, eps, t, y, no, None)
+    con = br.ConsistencyBatch(x0, eps, t, s, s, y, no, 0.5 * t, jnp.zeros((4, 3), jnp.int32))
+    with pytest.raises(ValueError, match="token-dropped"):
+        br.shared_graded_pass(params, net, vel, con)

@@ -5,8 +5,7 @@ returns a per-sample loss vector [n] and a dict of scalar metrics; objectives.py
 branches into `flow_matching`, `solution_flow` and `eflow`. All reductions are per sample
 over every non-batch axis, so the same code serves [B, D] toys and [B, T, H, W, C] video.
 
-Passes whose output is stop-gradient also take stop-gradient params (`frozen`): the gradient is
-the same, and jax then does not linearize them (most of the step's tracing time otherwise).
+Passes whose output is stop-gradient also take stop-gradient params (network.frozen).
 
 Weights follow SoFlow (docs/METHOD.md section 3), with sg = stop-gradient:
   velocity     w_v = sg 1 / (|d_s b(t,t)| (mean_d D^2 + eps)^p),   L_v = w_v mean_d D^2
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 
 from eflow_jax.flow import guidance as guide
 from eflow_jax.flow import interpolant as path
-from eflow_jax.flow.network import Keep, Network, Params
+from eflow_jax.flow.network import Keep, Network, Params, frozen
 
 Metrics = dict[str, jax.Array]
 
@@ -67,11 +66,6 @@ class Guidance(NamedTuple):
     weak_label: str = "null"  # 'null' (SPRINT), 'cond' (pure autoguidance ablation) or 'independent'
     uncond_dropped: bool = False  # cfg ablation: run the unconditional pass token-dropped
     weak_path: str = "drop_middle"  # or 'skip_half' (STG-style ablation): see Network.weak
-
-
-def frozen(params: Params) -> Params:
-    """Params for a pass whose output is stop-gradient (so jax need not linearize it)."""
-    return jax.lax.stop_gradient(params)
 
 
 def per_sample_mse(delta: jax.Array) -> jax.Array:
@@ -161,6 +155,8 @@ def shared_graded_pass(
     n = vel.t.shape[0]
 
     def cat(a, b):
+        if (a is None) != (b is None):
+            raise ValueError("Both sub-batches must be token-dropped, or neither.")
         return None if a is None else jnp.concatenate([a, b])
 
     x_v, _ = path.interpolate(vel.x0, vel.eps, vel.t, interpolant)

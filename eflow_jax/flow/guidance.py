@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from eflow_jax.flow.interpolant import bcast
-from eflow_jax.flow.network import Keep, Network, Params
+from eflow_jax.flow.network import Keep, Network, Params, frozen
 
 GUIDANCE_MODES = ("none", "cfg", "path_drop")
 
@@ -79,7 +79,7 @@ def cfg_reference(
 ) -> jax.Array:
     """sg F(x_t, t, t, null) through the full path (dense unless keep is given)."""
     null = jnp.full(t.shape, net.null_label, jnp.int32)
-    return jax.lax.stop_gradient(net(jax.lax.stop_gradient(params), x_t, t, t, null, keep))
+    return jax.lax.stop_gradient(net(frozen(params), x_t, t, t, null, keep))
 
 
 def path_drop_reference(
@@ -89,7 +89,7 @@ def path_drop_reference(
     """sg F^weak(x_t, t, t, label) through the weak path `path` (Network.weak); label None = null."""
     if label is None:
         label = jnp.full(t.shape, net.null_label, jnp.int32)
-    return jax.lax.stop_gradient(net.weak(jax.lax.stop_gradient(params), x_t, t, label, path=path))
+    return jax.lax.stop_gradient(net.weak(frozen(params), x_t, t, label, path=path))
 
 
 def guidance_active(mode: str, scale: float) -> bool:

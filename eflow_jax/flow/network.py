@@ -68,6 +68,12 @@ class Network:
         return x + _bcast(s - t, x) * F
 
 
+def frozen(params: Params) -> Params:
+    """Params for a pass whose output is stop-gradient: the gradient is the same, and jax then
+    does not linearize the pass (most of a training step's tracing time otherwise)."""
+    return jax.lax.stop_gradient(params)
+
+
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
     """Reshape a per-sample [B] vector to broadcast against a [B, ...] tensor."""
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)).astype(like.dtype)
