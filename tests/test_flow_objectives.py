@@ -185,21 +185,24 @@ def test_eflow_shares_one_keep_and_one_trunk_per_sample(toy):
     assert len(shared) == 1 and shared[0]["keep"] is not None
     assert len(spy.select(kind="decode", n=n_full + n_con)) == 1
     assert not spy.select(kind="encode", n=n_full, weak=False)  # No separate velocity pass.
-    # Consistency samples: the target pass and the MVA u2 pass reuse the graded pass's mask.
-    con = spy.select(kind="encode", n=n_con, weak=False)
-    assert len(con) == 2  # v_pred and u1 reuse the graded trunk (decoder-only)
-    assert con[0]["keep"] is con[1]["keep"]
-    np.testing.assert_array_equal(shared[0]["keep"][n_full:], con[0]["keep"])
-    assert len(spy.select(kind="decode", n=n_con)) == 5  # v_pred, u1, target, u2, weak ref
+    # Consistency samples: the target pass and the MVA u2 pass run as one pass over 2 x n_con
+    # samples, and both halves reuse the graded pass's mask.
+    assert not spy.select(kind="encode", n=n_con, weak=False)  # v_pred and u1 are decoder-only
+    pair = spy.select(kind="encode", n=2 * n_con, weak=False)
+    assert len(pair) == 1
+    np.testing.assert_array_equal(shared[0]["keep"][n_full:], pair[0]["keep"][:n_con])
+    np.testing.assert_array_equal(shared[0]["keep"][n_full:], pair[0]["keep"][n_con:])
+    assert len(spy.select(kind="decode", n=n_con)) == 3  # v_pred, u1, weak ref
     # Velocity samples have a mask of their own; weak path passes are dense.
-    assert not np.array_equal(shared[0]["keep"][:n_con], con[0]["keep"])
+    assert not np.array_equal(shared[0]["keep"][:n_con], pair[0]["keep"][:n_con])
     assert all(c["keep"] is None for c in spy.select(kind="encode", weak=True))
     assert len(spy.select(kind="encode", n=n_weak, weak=True)) == 1
 
 
-def test_shared_graded_pass_equals_separate_passes():
-    """eflow's one graded pass over the velocity and consistency samples gives the loss and the
-    gradient of a graded pass per sub-batch (float32; a tiny DiT with token drop)."""
+def test_merged_passes_equal_separate_passes():
+    """eflow's merged passes (one graded pass over the velocity and consistency samples; one
+    stop-gradient pass for the target and MVA's u2) give the loss and the gradient of every pass run
+    on its own (float32; a tiny DiT with token drop, path-drop guidance, mix and MVA)."""
     from eflow_jax.models import dit
 
     cfg = dit.model_config("tiny", video_shape=(4, 16, 16, 3), patch=(1, 2, 2), tile=(2, 4, 4),
@@ -221,15 +224,30 @@ def test_shared_graded_pass_equals_separate_passes():
     g = br.Guidance(mode="path_drop", scale=2.0, mix=0.5)
     opts = dict(p=1.0, eps=0.01)
 
-    def loss(params, shared: bool):
-        v_pred, graded = br.shared_graded_pass(params, net, vel, con) if shared else (None, None)
+    def merged(params):  # What eflow_core runs.
+        v_pred, graded = br.shared_graded_pass(params, net, vel, con)
         l_v, _ = br.velocity_branch(params, net, vel, g, v_pred=v_pred, **opts)
         l_c, _ = br.consistency_branch(params, net, con, g, reuse_trunk=True, mva_beta=1.0, graded=graded,
                                        **opts)
         return l_v.sum() + l_c.sum()
 
-    (one, g_one), (two, g_two) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, shared)
-                                  for shared in (True, False))
+    def separate(params):  # Every pass on its own, from the building blocks.
+        l_v, _ = br.velocity_branch(params, net, vel, g, **opts)
+        x_t, v_t = interpolant.interpolate(con.x0, con.eps, con.t)
+        y_in = br.labels_in(con.y, con.uncond_mask, net.null_label)
+        trunk = net.encode(params, x_t, con.t, y_in, con.keep, False)
+        N = net.decode(params, trunk, con.t, con.s, y_in)
+
+        def query(s_query):
+            return jax.lax.stop_gradient(net.decode(params, jax.lax.stop_gradient(trunk), con.t, s_query, y_in))
+
+        target = br._target(net, params, x_t, v_t, query(con.t), con.t, con.y, con.uncond_mask, con.keep, g)
+        l_c, m = br.solution_consistency(params, net, x_t, N, con.t, con.s, con.l, y_in, con.keep, target, **opts)
+        l_m, _ = br.mva_regularizer(params, net, x_t, N, query, con.t, con.s, con.lam, y_in, con.keep,
+                                    con_weight=m["con_weight"], **opts)
+        return l_v.sum() + (l_c + l_m).sum()
+
+    (one, g_one), (two, g_two) = (jax.jit(jax.value_and_grad(f))(params) for f in (merged, separate))
     np.testing.assert_allclose(one, two, rtol=1e-5)
     flat_one, flat_two = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(x)]) for x in (g_one, g_two))
     assert np.linalg.norm(flat_one - flat_two) < 1e-5 * np.linalg.norm(flat_two)
@@ -318,7 +336,7 @@ def test_eflow_ablation_switches_trace(toy, overrides):
     # The online N of the consistency samples is decoded in the shared graded pass (n = 15).
     assert len(spy.select(kind="decode", n=15)) == 1
     if overrides.get("fm_on_con"):
-        assert decodes == 5  # graded v_pred replaces the stop-gradient mix query
+        assert decodes == 3  # graded v_pred replaces the stop-gradient mix query; u1; weak ref
     if overrides.get("guidance") == "none":
         assert decodes == 1  # unguided, no MVA: just the target pass
 

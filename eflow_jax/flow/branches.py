@@ -194,7 +194,7 @@ def weak_branch(
 
 def solution_consistency(
     params: Params, net: Network, x_t: jax.Array, N: jax.Array, t, s, l, y_in, keep: Keep,
-    v_step: jax.Array, *, p: float, eps: float,
+    v_step: jax.Array, *, p: float, eps: float, F_l: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """SoFlow's consistency loss given the graded online output N = F(x_t, t, s, y').
 
@@ -204,12 +204,16 @@ def solution_consistency(
         target pass, SoFlow's "same dropout RNG"). v_step: stop-gradient velocity of the
         Euler step x_l = x_t + (l - t) v_step (the guided target, or the exact velocity in
         closed-form tests).
+      F_l: the target pass's output F(x_l, l, s, y') when the caller ran it (`target_and_split_passes`);
+        None runs it here.
     Returns:
       (loss [n], metrics) with con_mse = mean dq^2 and con_weight = w_c [n] (the caller averages
       it; the MVA term reuses it per sample).
     """
     x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
-    f_l = path.solution_map(x_l, net(frozen(params), x_l, l, s, y_in, keep), l, s)  # Only in sg dq.
+    if F_l is None:
+        F_l = net(frozen(params), x_l, l, s, y_in, keep)
+    f_l = path.solution_map(x_l, jax.lax.stop_gradient(F_l), l, s)  # Only in sg dq.
     f_t = path.solution_map(x_t, N, t, s)
     dq = jax.lax.stop_gradient((f_t - f_l) / path.bcast(t - l, f_t))
     dq_mse = per_sample_mse(dq)
@@ -225,6 +229,7 @@ MVA_WEIGHTINGS = ("consistency", "adaptive", "none")
 def mva_regularizer(
     params: Params, net: Network, x_t: jax.Array, N: jax.Array, query, t, s, lam, y_in, keep: Keep,
     *, p: float, eps: float, weighting: str = "consistency", con_weight: jax.Array | None = None,
+    u: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Mean-velocity additivity: N should equal lam u1 + (1 - lam) u2 (docs/METHOD.md section 6).
 
@@ -232,6 +237,7 @@ def mva_regularizer(
       query: s_query -> sg F(x_t, t, s_query, y'); with decoupled conditioning this is a
         decoder-only pass on the shared (stop-gradient) trunk.
       lam: split fractions [n]; m = t + lam (s - t).
+      u: (u1, u2) when the caller ran those passes (`target_and_split_passes`); None runs them here.
       weighting: how the residual is weighted per sample.
         'consistency' (default): by the consistency loss's weight w_c = sg 1/(mean dq^2 + eps)^p
           (`con_weight`), i.e. the residual is measured relative to the size of the velocity the
@@ -242,10 +248,12 @@ def mva_regularizer(
     Returns:
       (loss [n], metrics) with mva_residual = mean Delta^2.
     """
-    m = t + lam * (s - t)
-    u1 = jax.lax.stop_gradient(query(m))
-    x_m = path.euler_step(x_t, u1, t, m)
-    u2 = jax.lax.stop_gradient(net(frozen(params), x_m, m, s, y_in, keep))
+    if u is None:
+        m = t + lam * (s - t)
+        u1 = jax.lax.stop_gradient(query(m))
+        x_m = path.euler_step(x_t, u1, t, m)
+        u = u1, net(frozen(params), x_m, m, s, y_in, keep)
+    u1, u2 = (jax.lax.stop_gradient(v) for v in u)
     lam_b = path.bcast(lam, N)
     residual = per_sample_mse(N - (lam_b * u1 + (1.0 - lam_b) * u2))
     if weighting == "consistency":
@@ -261,6 +269,30 @@ def mva_regularizer(
     loss = weight * residual
     return loss, {"mva_residual": residual.mean(), "mva_weight": weight.mean(),
                   "mva_loss": loss.mean()}
+
+
+def target_and_split_passes(
+    params: Params, net: Network, x_t: jax.Array, v_step: jax.Array, query, t, s, l, lam, y_in, keep: Keep,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The consistency target pass F(x_l, l, s) and MVA's u2 = F(x_m, m, s) as one stop-gradient pass.
+
+    Both run the sample's mask and labels to the same s from two points on its path (x_l after the
+    Euler step with v_step, x_m after the step with u1 = query(m)), so one pass over the two gives
+    both, with one copy of the network in the compiled step instead of two.
+    Returns (F_l, (u1, u2)): the arguments `solution_consistency(F_l=)` and `mva_regularizer(u=)` take.
+    """
+    n = t.shape[0]
+
+    def two(a, b):
+        return None if a is None else jnp.concatenate([a, b])
+
+    m = t + lam * (s - t)
+    u1 = jax.lax.stop_gradient(query(m))
+    x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
+    x_m = path.euler_step(x_t, u1, t, m)
+    out = net(frozen(params), two(x_l, x_m), two(l, m), two(s, s), two(y_in, y_in), two(keep, keep))
+    out = jax.lax.stop_gradient(out)
+    return out[:n], (u1, out[n:])
 
 
 def consistency_branch(
@@ -309,13 +341,16 @@ def consistency_branch(
         v_pred = query(b.t) if needs_pred else None
     target = _target(net, params, x_t, v_t, v_pred, b.t, b.y, b.uncond_mask, b.keep, g)
 
+    F_l = u = None
+    if mva_beta > 0.0:
+        F_l, u = target_and_split_passes(params, net, x_t, target, query, b.t, b.s, b.l, b.lam, y_in, b.keep)
     loss, m_con = solution_consistency(params, net, x_t, N, b.t, b.s, b.l, y_in, b.keep, target,
-                                       p=p, eps=eps)
+                                       p=p, eps=eps, F_l=F_l)
     con_weight = m_con.pop("con_weight")
     metrics.update(m_con, con_weight=con_weight.mean())
     if mva_beta > 0.0:
         l_mva, m_mva = mva_regularizer(params, net, x_t, N, query, b.t, b.s, b.lam, y_in, b.keep,
-                                       p=p, eps=eps, weighting=mva_weighting, con_weight=con_weight)
+                                       p=p, eps=eps, weighting=mva_weighting, con_weight=con_weight, u=u)
         loss = loss + mva_beta * l_mva
         metrics.update(m_mva)
     if v_pred_graded is not None:
