@@ -140,6 +140,13 @@ def velocity_branch(
     return loss, {"vel_mse": mse.mean(), "vel_weight": weight.mean(), "vel_loss": loss.mean()}
 
 
+def _join(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """Two sub-batches' inputs as one batch for a merged pass (None: no token mask in either)."""
+    if (a is None) != (b is None):
+        raise ValueError("Both sub-batches must be token-dropped, or neither.")
+    return None if a is None else jnp.concatenate([a, b])
+
+
 def shared_graded_pass(
     params: Params, net: Network, vel: VelocityBatch, con: ConsistencyBatch, interpolant: str = "linear",
 ) -> tuple[jax.Array, tuple[Any, jax.Array]]:
@@ -153,19 +160,13 @@ def shared_graded_pass(
     and `consistency_branch(graded=)` take.
     """
     n = vel.t.shape[0]
-
-    def cat(a, b):
-        if (a is None) != (b is None):
-            raise ValueError("Both sub-batches must be token-dropped, or neither.")
-        return None if a is None else jnp.concatenate([a, b])
-
     x_v, _ = path.interpolate(vel.x0, vel.eps, vel.t, interpolant)
     x_c, _ = path.interpolate(con.x0, con.eps, con.t, interpolant)
-    y = cat(labels_in(vel.y, vel.uncond_mask, net.null_label),
+    y = _join(labels_in(vel.y, vel.uncond_mask, net.null_label),
             labels_in(con.y, con.uncond_mask, net.null_label))
-    t = cat(vel.t, con.t)
-    trunk = net.encode(params, cat(x_v, x_c), t, y, cat(vel.keep, con.keep), False)
-    out = net.decode(params, trunk, t, cat(vel.t, con.s), y)
+    t = _join(vel.t, con.t)
+    trunk = net.encode(params, _join(x_v, x_c), t, y, _join(vel.keep, con.keep), False)
+    out = net.decode(params, trunk, t, _join(vel.t, con.s), y)
     con_trunk = jax.tree.map(lambda a: a[n:], trunk)
     return out[:n], (con_trunk, out[n:])
 
@@ -282,15 +283,11 @@ def target_and_split_passes(
     Returns (F_l, (u1, u2)): the arguments `solution_consistency(F_l=)` and `mva_regularizer(u=)` take.
     """
     n = t.shape[0]
-
-    def two(a, b):
-        return None if a is None else jnp.concatenate([a, b])
-
     m = t + lam * (s - t)
     u1 = jax.lax.stop_gradient(query(m))
     x_l = path.euler_step(x_t, jax.lax.stop_gradient(v_step), t, l)
     x_m = path.euler_step(x_t, u1, t, m)
-    out = net(frozen(params), two(x_l, x_m), two(l, m), two(s, s), two(y_in, y_in), two(keep, keep))
+    out = net(frozen(params), _join(x_l, x_m), _join(l, m), _join(s, s), _join(y_in, y_in), _join(keep, keep))
     out = jax.lax.stop_gradient(out)
     return out[:n], (u1, out[n:])
 

@@ -213,9 +213,9 @@ def make_network(cfg: ml_collections.ConfigDict) -> tuple[EFlowDiT, Network]:
     drops = cfg.keep_per_group < layout.group_size
 
     # Jitted so that each distinct call (shapes, dtypes, weak path) is traced and lowered once per
-    # program: the eflow step applies the network 16 times in a handful of distinct shapes, and
-    # tracing every application was most of its 12 s of tracing. XLA inlines the calls, so the
-    # compiled program is the same.
+    # program: the eflow step repeats its decoder queries at equal shapes, and tracing every
+    # application was most of the step's tracing time. XLA inlines the calls, so the compiled
+    # program is the same.
     @functools.partial(jax.jit, static_argnums=5)
     def encode(params, x, t, y, keep, weak):
         return model.apply({"params": params}, x, t, y, keep, weak, method=EFlowDiT.encode)
