@@ -18,6 +18,7 @@ from absl import logging
 
 from eflow_jax.data import pipeline
 from eflow_jax.flow import probe as probe_lib
+from eflow_jax.flow.condition import Condition
 
 
 class QualityMonitor:
@@ -30,7 +31,7 @@ class QualityMonitor:
             clips, labels = pipeline.heldout_clips(config.data, int(config.log.probe_clips))
             # An argument, not a closed-over constant: XLA would constant-fold the encoder's patching
             # of the clips at compile time (33.8 s more compile for EFlow-B at 16x128x128 on an H200).
-            self._fixed = probe_lib.make_probe(clips, labels)
+            self._fixed = probe_lib.make_probe(clips, Condition.of_labels(labels))
             self._probe_fn = jax.jit(functools.partial(probe_lib.probe_metrics, net))
         self._gauge = None
         self.last_summary = ""  # summary_line of the latest gauge: the train loop repeats it last.

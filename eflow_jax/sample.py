@@ -7,6 +7,7 @@ needs only the params (EMA by default), so it runs on any mesh / device count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,8 @@ from absl import logging
 
 from eflow_jax import checkpoint, rundir, sharding
 from eflow_jax import state as state_lib
-from eflow_jax.flow import samplers
+from eflow_jax.flow import objectives, samplers
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.network import Network
 from eflow_jax.models import dit
 from eflow_jax.progress import Progress
@@ -49,13 +51,14 @@ def sample_config() -> ml_collections.ConfigDict:
 def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
     """The sampler a run uses: few-step solution maps for solution-flow runs, ODE solvers else."""
     sampler = (sample_cfg or config.sample).sampler
-    if config.objective.name != "flow_matching":
-        return sampler if sampler in SOLUTION_SAMPLERS else "renoise"
+    few_step = objectives.objective(config.objective.name).few_step_sampler
+    if few_step is not None:
+        return sampler if sampler in SOLUTION_SAMPLERS else few_step
     return sampler if sampler in ITERATIVE_SAMPLERS else "euler"
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, net: Network, num_steps: int, sample_cfg=None):
-    """A jitted fn(params, noise, labels, rng) -> videos for the run's objective.
+    """A jitted fn(params, noise, cond, rng) -> videos for the run's objective.
 
     Solution-flow runs ('eflow', 'solution_flow') use the few-step solution-map samplers (no CFG:
     guidance is trained in); flow-matching runs use Euler/Heun with CFG or path-drop guidance.
@@ -73,12 +76,12 @@ def make_sample_fn(config: ml_collections.ConfigDict, net: Network, num_steps: i
 @functools.lru_cache(maxsize=32)
 def _jitted_sampler(net: Network, num_steps: int, sampler: str, guidance_scale: float, guidance: str):
     if sampler == "renoise":
-        fn = lambda p, z, y, r: samplers.renoise_sample(net, p, z, y, num_steps, r)  # noqa: E731
+        fn = lambda p, z, c, r: samplers.renoise_sample(net, p, z, c, num_steps, r)  # noqa: E731
     elif sampler == "chain":
-        fn = lambda p, z, y, r: samplers.chain_sample(net, p, z, y, num_steps)  # noqa: E731
+        fn = lambda p, z, c, r: samplers.chain_sample(net, p, z, c, num_steps)  # noqa: E731
     else:
         solve = samplers.euler_sample if sampler == "euler" else samplers.heun_sample
-        fn = lambda p, z, y, r: solve(net, p, z, y, num_steps, guidance_scale, guidance)  # noqa: E731
+        fn = lambda p, z, c, r: solve(net, p, z, c, num_steps, guidance_scale, guidance)  # noqa: E731
     return jax.jit(fn)
 
 
@@ -117,10 +120,41 @@ def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
     return (labels * ((num + len(labels) - 1) // len(labels)))[:num] if num > len(labels) else labels
 
 
-def generate_batches(config, net, params, labels: Sequence[int], num_steps: int, seed: int,
+@dataclasses.dataclass(frozen=True)
+class Requests:
+    """What each clip to generate is conditioned on: class labels and/or caption embeddings.
+
+    Attributes:
+      labels: int32 [N] or None. text: text-encoder states [N, L, D] or None; text_mask: bool [N, L].
+      prompts: the N captions (names and grids show them), when the clips were asked for by text.
+    """
+
+    labels: np.ndarray | None = None
+    text: np.ndarray | None = None
+    text_mask: np.ndarray | None = None
+    prompts: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, what) -> Requests:
+        """`what` itself, or Requests for a sequence of class labels."""
+        return what if isinstance(what, Requests) else cls(labels=np.asarray([int(v) for v in what], np.int32))
+
+    def __len__(self) -> int:
+        return len(self.labels if self.labels is not None else self.text)
+
+    def condition(self, start: int, count: int, size: int) -> Condition:
+        """Clips start..start+count as a numpy Condition of `size` rows (padded with the first row)."""
+        rows = np.arange(start, start + count)
+        rows = np.concatenate([rows, np.full(size - count, start)])
+        pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
+        return Condition(np.zeros(size, bool), label=pick(self.labels), text=pick(self.text),
+                         text_mask=pick(self.text_mask))
+
+
+def generate_batches(config, net, params, requests: Requests | Sequence[int], num_steps: int, seed: int,
                      batch_size: int, sample_cfg=None, mesh=None, *, what: str = "sampling",
                      log: Callable[[str], None] | None = None) -> Iterator[np.ndarray]:
-    """Yields videos [b, T, H, W, C] (model space, numpy) for `labels`, batch by batch.
+    """Yields videos [b, T, H, W, C] (model space, numpy) for `requests` (or a list of labels), batch by batch.
 
     The one sampling path: clip i is drawn from fold_in(key(seed), i) whatever the batching. One
     compiled sampler (the last batch is padded with real clips' noise); batches are split over the
@@ -128,27 +162,32 @@ def generate_batches(config, net, params, labels: Sequence[int], num_steps: int,
     """
     fn = make_sample_fn(config, net, num_steps, sample_cfg)
     shard = mesh is not None and batch_size % sharding.data_parallel_size(mesh) == 0
-    labels = [int(v) for v in labels]
-    progress = Progress(what, len(labels), log=log)
-    for start in range(0, len(labels), batch_size):
-        count = min(batch_size, len(labels) - start)
-        y = np.asarray(labels[start:start + count] + [0] * (batch_size - count), np.int32)
+    requests = Requests.of(requests)
+    progress = Progress(what, len(requests), log=log)
+    for start in range(0, len(requests), batch_size):
+        count = min(batch_size, len(requests) - start)
+        cond = requests.condition(start, count, batch_size)
         if shard:  # Made straight into the split (a device_put cannot reach other processes' devices).
             out = sharding.batch_sharding(mesh)
             z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size, out)
-            y = jax.make_array_from_callback(y.shape, out, lambda index, y=y: y[index])
+            cond = jax.tree.map(functools.partial(_global_array, out), cond)
         else:
             z, keys = clip_inputs(config.model.video_shape, seed, start, batch_size)
-            y = jnp.asarray(y)
-        videos = to_host(fn(params, z, y, keys))[:count]
+            cond = jax.tree.map(jnp.asarray, cond)
+        videos = to_host(fn(params, z, cond, keys))[:count]
         progress.update(count)
         yield videos
 
 
-def generate(config, net, params, labels: Sequence[int], num_steps: int, seed: int, batch_size: int,
+def _global_array(out_sharding, a: np.ndarray) -> jax.Array:
+    """A host array every process holds, as one array split over `out_sharding`."""
+    return jax.make_array_from_callback(a.shape, out_sharding, lambda index: a[index])
+
+
+def generate(config, net, params, requests: Requests | Sequence[int], num_steps: int, seed: int, batch_size: int,
              sample_cfg=None, mesh=None, *, log: Callable[[str], None] | None = None) -> np.ndarray:
-    """Videos [N, T, H, W, C] (model space) for `labels`: generate_batches, concatenated."""
-    return np.concatenate(list(generate_batches(config, net, params, labels, num_steps, seed, batch_size,
+    """Videos [N, T, H, W, C] (model space) for `requests`: generate_batches, concatenated."""
+    return np.concatenate(list(generate_batches(config, net, params, requests, num_steps, seed, batch_size,
                                                 sample_cfg, mesh, log=log)))
 
 

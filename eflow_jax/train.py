@@ -18,7 +18,7 @@ from absl import logging
 from eflow_jax import checkpoint, compile_cache, loop, monitor, optim, rundir, sample, sharding, writers
 from eflow_jax import state as state_lib
 from eflow_jax.data import pipeline
-from eflow_jax.flow import cost, objectives
+from eflow_jax.flow import condition, cost, objectives
 from eflow_jax.models import dit
 
 # The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
@@ -94,7 +94,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
                          f"(mesh data x fsdp = {dict(mesh.shape)}); change batch_size or config.mesh.")
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes.")
-    objectives.split_sizes(config.objective, config.batch_size)
+    objectives.batch_split(config.objective, config.batch_size)
     if config.objective.dense_finetune_frac > 0 and drop_ratio(config, dense=False) == 0:
         raise ValueError(f"objective.dense_finetune_frac={config.objective.dense_finetune_frac} but the model drops "
                          f"no tokens (model.keep_per_group={config.model.keep_per_group} of drop_group "
@@ -140,7 +140,8 @@ def make_train_step(config, net, tx, loss_fn, drop_ratio: float = 0.0):
         video = to_model_input(batch["video"])
 
         def loss_of(params):
-            loss, metrics = loss_fn(params, video, batch["label"], rng, state.step)
+            cond = condition.from_batch(batch, labels=config.model.num_classes > 0, text=config.model.context_dim > 0)
+            loss, metrics = loss_fn(params, video, cond, rng, state.step)
             if config.train.inject_nan_at_step >= 0:  # Debug hook for the NaN-stop test.
                 loss = jnp.where(state.step + 1 == config.train.inject_nan_at_step, jnp.nan, loss)
             return loss, metrics
@@ -272,9 +273,14 @@ def _batch_spec(config, batch_sharding) -> dict:
     # Pixels travel as uint8 (4x less host->device traffic; to_model_input scales them on the
     # device); the pipeline hands latents over as float32.
     dtype = jnp.float32 if config.data.source == "latents" else jnp.uint8
-    return {"video": jax.ShapeDtypeStruct((config.batch_size, *config.model.video_shape), dtype,
-                                          sharding=batch_sharding),
-            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+    b, m = config.batch_size, config.model
+    spec = {"video": jax.ShapeDtypeStruct((b, *m.video_shape), dtype, sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+    if m.context_dim:  # Precomputed text-encoder states, stored (and sent) as bf16.
+        spec["text_embedding"] = jax.ShapeDtypeStruct((b, m.context_len, m.context_dim), jnp.bfloat16,
+                                                      sharding=batch_sharding)
+        spec["text_mask"] = jax.ShapeDtypeStruct((b, m.context_len), jnp.bool_, sharding=batch_sharding)
+    return spec
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:

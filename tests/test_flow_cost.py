@@ -6,6 +6,7 @@ import pytest
 from toy_networks import random_toy_params
 
 from eflow_jax.flow.cost import branch_costs, forward_equivalents
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.objectives import default_objective_config, make_loss
 from eflow_jax.models.toy_net import ToyMLP, make_toy_network
 
@@ -49,13 +50,13 @@ def test_cost_model_matches_counted_flops(decoupled):
                     decoupled=decoupled)
     net, params = make_toy_network(module), random_toy_params(module)
     B = 64
-    x, y = jnp.ones((B, 2)), jnp.zeros((B,), jnp.int32)
+    x, y = jnp.ones((B, 2)), Condition.of_labels(jnp.zeros((B,), jnp.int32))
     t = jnp.full((B,), 0.7)
     trunk = net.encode(params, x, t, y, None, False)
     full = _flops(lambda p: net(p, x, t, 0.5 * t, y), params) / B
     flops = dict(full=full, dropped=full,  # the toy has no tokens to drop
                  weak=_flops(lambda p: net.weak(p, x, t, y), params) / B,
-                 decoder=_flops(lambda p, h: net.decode(p, h, t, 0.5 * t, y), params, trunk) / B)
+                 decoder=_flops(lambda p, h: net.decode(p, h, t, 0.5 * t), params, trunk) / B)
     if decoupled:
         assert flops["weak"] < 0.6 * full and flops["decoder"] < 0.5 * full
     configs = []

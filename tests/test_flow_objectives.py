@@ -9,12 +9,15 @@ import pytest
 from toy_networks import make_linear_network
 
 from eflow_jax.flow import branches as br
-from eflow_jax.flow import guidance, interpolant, times
+from eflow_jax.flow import guidance, interpolant, objectives, times
+from eflow_jax.flow.condition import Condition
+from eflow_jax.flow.draw import ConsistencyBatch, Draw, VelocityBatch
 from eflow_jax.flow.network import Network
 from eflow_jax.flow.objectives import (
+    Settings,
+    batch_split,
     default_objective_config,
     make_loss,
-    split_sizes,
     validate_config,
 )
 
@@ -31,7 +34,7 @@ def _batch(n=16, seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     x0 = jax.random.normal(k[0], (n, 2))
     eps = jax.random.normal(k[1], (n, 2))
-    y = jax.random.randint(k[2], (n,), 0, NUM_CLASSES)
+    y = Condition.of_labels(jax.random.randint(k[2], (n,), 0, NUM_CLASSES))
     t, s = times.sample_consistency_times(k[3], n)
     return x0, eps, y, t, s
 
@@ -47,13 +50,13 @@ class Spy:
         self.net, self.calls, self.keep_shape = net, [], keep_shape
 
     def network(self) -> Network:
-        def encode(params, x, t, y, keep, weak):
-            self.calls.append(dict(kind="encode", n=x.shape[0], weak=weak, keep=keep))
-            return self.net.encode(params, x, t, y, None, weak)  # the toy has no tokens
+        def encode(params, x, t, cond, keep, weak):
+            self.calls.append(dict(kind="encode", n=x.shape[0], weak=weak, keep=keep, null=cond.null))
+            return self.net.encode(params, x, t, cond, None, weak)  # the toy has no tokens
 
-        def decode(params, trunk, t, s, y):
+        def decode(params, trunk, t, s):
             self.calls.append(dict(kind="decode", n=t.shape[0]))
-            return self.net.decode(params, trunk, t, s, y)
+            return self.net.decode(params, trunk, t, s)
 
         def sample_keep(rng, n):  # a fake per-sample token mask
             return jax.random.randint(rng, (n,) + self.keep_shape, 0, 1000)
@@ -72,7 +75,9 @@ def test_consistency_loss_gradient_equals_weighted_mse_gradient(toy):
 
     def soflow_form(p):
         N = net(p, x_t, t, s, y)
-        loss, _ = br.solution_consistency(p, net, x_t, N, t, s, l, y, None, v_t, p=1.0, eps=0.01)
+        x_l = interpolant.euler_step(x_t, v_t, t, l)
+        F_l = jax.lax.stop_gradient(net(p, x_l, l, s, y))
+        loss, _, _ = br.consistency_loss(N, F_l, x_t, x_l, t, s, l, p=1.0, eps=0.01)
         return loss.mean()
 
     def mse_form(p):
@@ -130,28 +135,33 @@ def test_guided_target_uses_the_reference_forward(toy, mode):
     snet = spy.network()
     x0, eps, y, t, _ = _batch()
     uncond = jnp.arange(16) % 4 == 0
-    g = br.Guidance(mode=mode, scale=3.0, mix=0.25, tau_d=0.8, k=0.025)
+    cfg = default_objective_config("eflow")
+    cfg.update(guidance=mode, guidance_scale=3.0, mix=0.25, decay_tau=0.8, decay_k=0.025)
+    st = Settings.of(cfg)
+    d = Draw(VelocityBatch(x0, eps, t, y, uncond), None, None)
 
-    def branch(p, net):
-        return br.velocity_branch(p, net, br.VelocityBatch(x0, eps, t, y, uncond), g,
-                                  p=1.0, eps=0.01)[0]
+    def velocity_only(p, net):
+        return objectives.eflow_core(p, net, d, st)[1]["vel_loss"]
 
-    jax.make_jaxpr(branch, static_argnums=1)(params, snet)
-    # One graded pass plus exactly one reference pass (weak path, or the dense full path).
+    jax.make_jaxpr(velocity_only, static_argnums=1)(params, snet)
+    # One graded pass plus exactly one reference pass (weak path, or the dense full path), the
+    # reference at the null condition everywhere.
     assert len(spy.select(kind="encode", weak=True)) == (mode == "path_drop")
     assert len(spy.select(kind="encode", weak=False)) == 1 + (mode == "cfg")
-    loss = jax.jit(branch, static_argnums=1)(params, net)
-    # Recompute the loss by hand from the reference network output at the null label.
+    reference = [c for c in spy.calls if c["kind"] == "encode"][-1 if mode == "cfg" else 1]
+    assert reference["null"].shape == (16,)
+    loss = jax.jit(velocity_only, static_argnums=1)(params, net)
+    # Recompute the loss by hand from the reference network output at the null condition.
     x_t, v_t = interpolant.interpolate(x0, eps, t)
-    null = jnp.full((16,), NUM_CLASSES)
+    null = y.nulled()
     v_ref = net.weak(params, x_t, t, null) if mode == "path_drop" else net(params, x_t, t, t, null)
-    v_pred = net(params, x_t, t, t, jnp.where(uncond, NUM_CLASSES, y))
+    v_pred = net(params, x_t, t, t, y.nulled(uncond))
     assert float(jnp.abs(net.weak(params, x_t, t, null) - net(params, x_t, t, t, null)).max()) > 0.1
     c = guidance.decay_scale(t)[:, None]
     target = 0.25 * (v_t + c * 2.0 * (v_t - v_ref)) + 0.75 * v_pred
     target = jnp.where(uncond[:, None], v_t, target)
     mse = jnp.mean((v_pred - target) ** 2, axis=1)
-    np.testing.assert_allclose(loss, mse / (mse + 0.01), rtol=1e-5)
+    np.testing.assert_allclose(loss, jnp.mean(mse / (mse + 0.01)), rtol=1e-5)
 
 
 def test_solution_flow_without_guidance_reduces_to_flow_matching(toy):
@@ -177,7 +187,7 @@ def test_eflow_shares_one_keep_and_one_trunk_per_sample(toy):
     spy = Spy(net)
     x0, _, y, _, _ = _batch(16)
     cfg = default_objective_config("eflow")
-    n_full, n_weak, n_con = split_sizes(cfg, 16)
+    n_full, n_weak, n_con = batch_split(cfg, 16)
     assert (n_full, n_weak, n_con) == (11, 1, 4)
     make_loss(cfg, spy.network(), 100)(params, x0, y, jax.random.PRNGKey(0), 5)  # Eager: masks are values.
     # One graded pass serves the velocity and the consistency samples, each with its own mask.
@@ -215,37 +225,49 @@ def test_merged_passes_equal_separate_passes():
     k = jax.random.split(jax.random.key(2), 8)
     n_v, n_c, shape = 3, 2, (4, 16, 16, 3)
     t_c, s_c = times.sample_consistency_times(k[4], n_c)
-    vel = br.VelocityBatch(jax.random.normal(k[0], (n_v, *shape)), jax.random.normal(k[1], (n_v, *shape)),
-                           jax.random.uniform(k[2], (n_v,), minval=0.1, maxval=0.9), jnp.array([0, 1, 2]),
-                           jnp.array([False, True, False]), net.sample_keep(k[3], n_v))
-    con = br.ConsistencyBatch(jax.random.normal(k[5], (n_c, *shape)), jax.random.normal(k[6], (n_c, *shape)),
-                              t_c, s_c, 0.5 * (t_c + s_c), jnp.array([3, 4]), jnp.array([False, False]),
-                              jnp.array([0.3, 0.6]), net.sample_keep(k[7], n_c))
-    g = br.Guidance(mode="path_drop", scale=2.0, mix=0.5)
-    opts = dict(p=1.0, eps=0.01)
+    vel = VelocityBatch(jax.random.normal(k[0], (n_v, *shape)), jax.random.normal(k[1], (n_v, *shape)),
+                        jax.random.uniform(k[2], (n_v,), minval=0.1, maxval=0.9),
+                        Condition.of_labels(jnp.array([0, 1, 2])), jnp.array([False, True, False]),
+                        net.sample_keep(k[3], n_v))
+    con = ConsistencyBatch(jax.random.normal(k[5], (n_c, *shape)), jax.random.normal(k[6], (n_c, *shape)),
+                           t_c, s_c, 0.5 * (t_c + s_c), Condition.of_labels(jnp.array([3, 4])),
+                           jnp.array([False, False]), jnp.array([0.3, 0.6]), net.sample_keep(k[7], n_c))
+    cfg = default_objective_config("eflow")
+    cfg.update(guidance_scale=2.0, mix=0.5)
+    st = Settings.of(cfg)
 
     def merged(params):  # What eflow_core runs.
-        v_pred, graded = br.shared_graded_pass(params, net, vel, con)
-        l_v, _ = br.velocity_branch(params, net, vel, g, v_pred=v_pred, **opts)
-        l_c, _ = br.consistency_branch(params, net, con, g, reuse_trunk=True, mva_beta=1.0, graded=graded,
-                                       **opts)
-        return l_v.sum() + l_c.sum()
+        loss, _ = objectives.eflow_core(params, net, Draw(vel, None, con), st)
+        return loss
 
-    def separate(params):  # Every pass on its own, from the building blocks.
-        l_v, _ = br.velocity_branch(params, net, vel, g, **opts)
+    def separate(params):  # Every pass on its own, straight from the method's formulas.
+        def reference(x_t, b):
+            return jax.lax.stop_gradient(net.weak(params, x_t, b.t, b.cond.nulled()))
+
+        def target(x_t, v_t, v_pred, b):
+            return guidance.guided_target(v_t, reference(x_t, b), v_pred, b.t, b.uncond, scale=2.0, mix=0.5,
+                                          tau_d=0.8, k=0.025)
+
+        x_v, v_v = interpolant.interpolate(vel.x0, vel.eps, vel.t)
+        pred = net(params, x_v, vel.t, vel.t, vel.cond_in, vel.keep)
+        l_v, _, _ = br.velocity_loss(pred, target(x_v, v_v, jax.lax.stop_gradient(pred), vel), vel.t, 1.0, 0.01,
+                                     True)
         x_t, v_t = interpolant.interpolate(con.x0, con.eps, con.t)
-        y_in = br.labels_in(con.y, con.uncond_mask, net.null_label)
-        trunk = net.encode(params, x_t, con.t, y_in, con.keep, False)
-        N = net.decode(params, trunk, con.t, con.s, y_in)
+        N = net(params, x_t, con.t, con.s, con.cond_in, con.keep)
+        sg = jax.lax.stop_gradient
 
         def query(s_query):
-            return jax.lax.stop_gradient(net.decode(params, jax.lax.stop_gradient(trunk), con.t, s_query, y_in))
+            return sg(net(params, x_t, con.t, s_query, con.cond_in, con.keep))
 
-        target = br._target(net, params, x_t, v_t, query(con.t), con.t, con.y, con.uncond_mask, con.keep, g)
-        l_c, m = br.solution_consistency(params, net, x_t, N, con.t, con.s, con.l, y_in, con.keep, target, **opts)
-        l_m, _ = br.mva_regularizer(params, net, x_t, N, query, con.t, con.s, con.lam, y_in, con.keep,
-                                    con_weight=m["con_weight"], **opts)
-        return l_v.sum() + (l_c + l_m).sum()
+        tgt = target(x_t, v_t, query(con.t), con)
+        x_l = interpolant.euler_step(x_t, tgt, con.t, con.l)
+        F_l = sg(net(params, x_l, con.l, con.s, con.cond_in, con.keep))
+        l_c, _, w_c = br.consistency_loss(N, F_l, x_t, x_l, con.t, con.s, con.l, 1.0, 0.01)
+        m = con.t + con.lam * (con.s - con.t)
+        u1 = query(m)
+        u2 = sg(net(params, interpolant.euler_step(x_t, u1, con.t, m), m, con.s, con.cond_in, con.keep))
+        l_m, _, _ = br.mva_loss(N, u1, u2, con.lam, weighting="consistency", con_weight=w_c, p=1.0, eps=0.01)
+        return (l_v.sum() + (l_c + l_m).sum()) / (n_v + n_c)
 
     (one, g_one), (two, g_two) = (jax.jit(jax.value_and_grad(f))(params) for f in (merged, separate))
     np.testing.assert_allclose(one, two, rtol=1e-5)
@@ -285,9 +307,9 @@ def test_loss_is_deterministic_and_jittable(toy):
 
 def test_batch_split_and_config_errors():
     with pytest.raises(ValueError, match="too small"):
-        split_sizes(default_objective_config("eflow"), 4)
-    assert split_sizes(default_objective_config("solution_flow"), 256) == (192, 0, 64)
-    assert split_sizes(default_objective_config("eflow"), 256) == (173, 19, 64)
+        batch_split(default_objective_config("eflow"), 4)
+    assert batch_split(default_objective_config("solution_flow"), 256) == (192, 0, 64)
+    assert batch_split(default_objective_config("eflow"), 256) == (173, 19, 64)
     bad = default_objective_config("solution_flow")
     bad.mva.enabled = True
     with pytest.raises(ValueError, match="eflow"):
@@ -345,7 +367,19 @@ def test_shared_graded_pass_refuses_one_dropped_sub_batch(toy):
     net, params = toy
     x0, eps, y, t, s = _batch(4)
     no = jnp.zeros((4,), bool)
-    vel = br.VelocityBatch(x0, eps, t, y, no, None)
-    con = br.ConsistencyBatch(x0, eps, t, s, s, y, no, 0.5 * t, jnp.zeros((4, 3), jnp.int32))
+    vel = VelocityBatch(x0, eps, t, y, no, None)
+    con = ConsistencyBatch(x0, eps, t, s, s, y, no, 0.5 * t, jnp.zeros((4, 3), jnp.int32))
     with pytest.raises(ValueError, match="token-dropped"):
-        br.shared_graded_pass(params, net, vel, con)
+        objectives.eflow_core(params, net, Draw(vel, None, con), Settings.of(default_objective_config("eflow")))
+
+
+def test_objective_names_are_read_from_the_table_only():
+    """Every objective is one table entry: its defaults, validation, core, costs and sampler."""
+    assert set(objectives.OBJECTIVES) == {"flow_matching", "solution_flow", "eflow"}
+    for name, entry in objectives.OBJECTIVES.items():
+        cfg = default_objective_config(name)
+        assert cfg.name == name and all(callable(f) for f in (entry.validate, entry.core, entry.costs))
+        validate_config(cfg)
+    assert objectives.OBJECTIVES["flow_matching"].few_step_sampler is None
+    with pytest.raises(ValueError, match="Unknown objective"):
+        objectives.objective("meanflow")

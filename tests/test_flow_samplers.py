@@ -11,6 +11,7 @@ from toy_networks import make_linear_network
 
 from eflow_jax.bench import toy
 from eflow_jax.flow import samplers
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.network import Network
 
 NUM_CLASSES = 3
@@ -23,7 +24,7 @@ def lin():
 
 def _inputs(n=8):
     noise = jax.random.normal(jax.random.PRNGKey(0), (n, 2))
-    return noise, jnp.arange(n) % NUM_CLASSES
+    return noise, Condition.of_labels(jnp.arange(n) % NUM_CLASSES)
 
 
 def test_time_grid():
@@ -62,9 +63,9 @@ def test_chain_sampler_by_hand(lin):
 def _count_encodes(net: Network):
     calls = []
 
-    def encode(params, x, t, y, keep, weak):
+    def encode(params, x, t, cond, keep, weak):
         calls.append((x.shape[0], weak))
-        return net.encode(params, x, t, y, keep, weak)
+        return net.encode(params, x, t, cond, keep, weak)
 
     return dataclasses.replace(net, encode=encode), calls
 
@@ -79,7 +80,7 @@ def test_euler_guidance_is_batched_and_correct(lin, guidance):
     # One velocity evaluation per step inside a fori_loop: cfg = one 2B call, PDG = full + weak.
     assert calls == ([(16, False)] if guidance == "cfg" else [(8, False), (8, True)])
     out = jax.jit(lambda p, x: samplers.euler_sample(net, p, x, y, 2, 3.0, guidance))(params, noise)
-    x, null = noise, jnp.full((8,), NUM_CLASSES)
+    x, null = noise, y.nulled()
     for t in (1.0, 0.5):
         tt = jnp.full((8,), t)
         v_c = net(params, x, tt, tt, y)
@@ -90,10 +91,10 @@ def test_euler_guidance_is_batched_and_correct(lin, guidance):
 
 def test_heun_is_second_order_and_euler_first_order():
     # dx/dt = x (F = x): integrating from t = 1 to 0 gives x(0) = x(1) / e.
-    net = Network(encode=lambda p, x, t, y, keep, weak: x, decode=lambda p, h, t, s, y: h,
-                  sample_keep=lambda rng, n: None, null_label=1)
+    net = Network(encode=lambda p, x, t, cond, keep, weak: x, decode=lambda p, h, t, s: h,
+                  sample_keep=lambda rng, n: None)
     x1 = jnp.ones((1, 1))
-    y = jnp.zeros((1,), jnp.int32)
+    y = Condition.of_labels(jnp.zeros((1,), jnp.int32))
     exact = float(jnp.exp(-1.0))
     err = {}
     for name, fn in (("euler", samplers.euler_sample), ("heun", samplers.heun_sample)):
@@ -184,7 +185,7 @@ def test_renoise_with_per_sample_keys_does_not_depend_on_the_batch(lin):
     noise, y = _inputs()
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(8))
     whole = samplers.renoise_sample(net, params, noise, y, 3, keys)
-    halves = [samplers.renoise_sample(net, params, noise[s], y[s], 3, keys[s])
+    halves = [samplers.renoise_sample(net, params, noise[s], jax.tree.map(lambda a, s=s: a[s], y), 3, keys[s])
               for s in (slice(0, 3), slice(3, 8))]
     np.testing.assert_allclose(whole, np.concatenate(halves), rtol=1e-6, atol=1e-6)
     assert not np.allclose(whole, samplers.renoise_sample(net, params, noise, y, 3, keys[::-1]))

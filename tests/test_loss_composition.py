@@ -1,11 +1,12 @@
 """Loss composition of the objectives against a hand computation (project issue 12).
 
-A closed-form network (linear in x, with label-, time-, token-mask- and weak-path-dependent
+A closed-form network (linear in x, with condition-, time-, token-mask- and weak-path-dependent
 terms) lets every branch of flow_matching, solution_flow and eflow be recomputed here in
 numpy float64 straight from the method's formulas. Each test compares the library's pure
-core (explicit noise, times, labels, masks) with that reference, for the loss value and for
-the gradient, so a term that is dropped, swapped, mis-weighted, mis-labelled or not under
-stop-gradient changes a number and fails a test.
+core (explicit noise, times, conditions, masks) with that reference, for the loss value and for
+the gradient, so a term that is dropped, swapped, mis-weighted, mis-conditioned or not under
+stop-gradient changes a number and fails a test. Every test runs for class labels and for text
+conditions (token states with a padding mask; the network's learned null token for null samples).
 
 The gradient reference uses the fact that every weight and target is stop-gradient: the
 gradient of the loss equals that of sum_branches <G, graded output>, where G = dL/d(output)
@@ -17,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eflow_jax.flow.branches import ConsistencyBatch, VelocityBatch
+from eflow_jax.flow.condition import Condition
+from eflow_jax.flow.draw import ConsistencyBatch, Draw, VelocityBatch
 from eflow_jax.flow.network import Network
 from eflow_jax.flow.objectives import (
+    Settings,
     default_objective_config,
     eflow_core,
     flow_matching_core,
@@ -29,13 +32,15 @@ from eflow_jax.flow.objectives import (
 D = 4  # data dim
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
+L, DT = 3, 5  # text tokens, text width
+KINDS = ("label", "text")
 
 
 def _draw_params(seed=0):
     rng = np.random.default_rng(seed)
     r = lambda *s: 0.6 * rng.standard_normal(s)  # noqa: E731
     return dict(W=r(D, D) + np.eye(D), W_weak=r(D, D), b=r(D), b_weak=r(D), E=r(NUM_CLASSES + 1, D),
-                kv=r(D), a=r(D), c=r(D))
+                kv=r(D), a=r(D), c=r(D), Wt=r(DT, D), N=r(D))
 
 
 P64 = _draw_params()
@@ -48,28 +53,47 @@ def _keep_term(keep):
     return None if keep is None else keep.astype(jnp.float32).mean(axis=-1) / 100.0
 
 
-def _encode(p, x, t, y, keep, weak):
+def _cond_term(p, cond):
+    """The condition's vector: E[label] (null row for null samples), or the masked mean of the text
+    tokens times Wt (the learned null vector N for null samples)."""
+    if cond.label is not None:
+        return p["E"][cond.labels(NULL)]
+    m = cond.text_mask.astype(jnp.float32)[:, :, None]
+    text = jnp.sum(cond.text * m, 1) / jnp.sum(m, 1)
+    return jnp.where(cond.null[:, None], p["N"], text @ p["Wt"])
+
+
+def _encode(p, x, t, cond, keep, weak):
     W, b = (p["W_weak"], p["b_weak"]) if weak else (p["W"], p["b"])
-    h = x @ W + t[:, None] * b + p["E"][y]
+    h = x @ W + t[:, None] * b + _cond_term(p, cond)
     if keep is not None:
         h = h + _keep_term(keep)[:, None] * p["kv"]
     return h
 
 
-def _decode(p, h, t, s, y):
+def _decode(p, h, t, s):
     dt = (t - s)[:, None]
     return h * (1.0 + dt * p["a"]) + dt * p["c"]
 
 
-NET = Network(encode=_encode, decode=_decode, sample_keep=lambda rng, n: None, null_label=NULL,
-              decoupled=True)
+NET = Network(encode=_encode, decode=_decode, sample_keep=lambda rng, n: None, decoupled=True)
 PARAMS = {k: jnp.asarray(v, jnp.float32) for k, v in P64.items()}
 
 
-def np_F(x, t, s, y, keep=None, weak=False):
-    """F(x, t, s, y) of the closed-form net in float64."""
+def np_cond(b, null):
+    """The numpy condition vector [n, D] of sub-batch b, null where `null` (bool [n] or a scalar)."""
+    null = np.broadcast_to(null, b["t"].shape)
+    if b["kind"] == "label":
+        return P64["E"][np.where(null, NULL, b["y"])]
+    m = b["mask"][:, :, None].astype(np.float64)
+    text = (b["text"] * m).sum(1) / m.sum(1)
+    return np.where(null[:, None], P64["N"], text @ P64["Wt"])
+
+
+def np_F(x, t, s, cvec, keep=None, weak=False):
+    """F(x, t, s, c) of the closed-form net in float64, given the condition vector cvec [n, D]."""
     W, b = (P64["W_weak"], P64["b_weak"]) if weak else (P64["W"], P64["b"])
-    h = x @ W + t[:, None] * b + P64["E"][y]
+    h = x @ W + t[:, None] * b + cvec
     if keep is not None:
         h = h + (np.asarray(keep, np.float64).mean(-1) / 100.0)[:, None] * P64["kv"]
     dt = (t - s)[:, None]
@@ -83,7 +107,7 @@ def np_decay(t, tau=0.8, k=0.025):
 
 # ---- explicit inputs ----
 
-def _inputs():
+def _inputs(kind="label"):
     rng = np.random.default_rng(1)
     n_f, n_w, n_c = 3, 2, 4
     vel = dict(x0=rng.standard_normal((n_f, D)), eps=rng.standard_normal((n_f, D)),
@@ -96,35 +120,43 @@ def _inputs():
                y=np.array([2, 0, 1, 1]), uncond=np.array([False, True, False, False]),
                lam=np.array([0.3, 0.5, 0.8, 0.6]), keep=np.array([[3, 8], [60, 61], [0, 10], [44, 2]]))
     con["l"] = con["t"] + (con["s"] - con["t"]) * 0.1
+    for b in (vel, weak, con):
+        n = len(b["t"])
+        b["kind"] = kind
+        b["text"] = rng.standard_normal((n, L, DT))
+        b["mask"] = np.arange(L)[None] < rng.integers(1, L + 1, n)[:, None]  # Prefixes of 1..L tokens.
     return vel, weak, con
+
+
+def _jax_cond(b):
+    if b["kind"] == "label":
+        return Condition.of_labels(jnp.asarray(b["y"], jnp.int32))
+    return Condition.of_text(jnp.asarray(b["text"], jnp.float32), jnp.asarray(b["mask"]))
 
 
 def _vel_batch(v, with_keep):
     return VelocityBatch(jnp.asarray(v["x0"], jnp.float32), jnp.asarray(v["eps"], jnp.float32),
-                         jnp.asarray(v["t"], jnp.float32), jnp.asarray(v["y"], jnp.int32),
-                         jnp.asarray(v["uncond"]),
+                         jnp.asarray(v["t"], jnp.float32), _jax_cond(v), jnp.asarray(v["uncond"]),
                          jnp.asarray(v["keep"], jnp.int32) if with_keep else None)
 
 
 def _con_batch(c, with_keep):
     f = lambda k: jnp.asarray(c[k], jnp.float32)  # noqa: E731
-    return ConsistencyBatch(f("x0"), f("eps"), f("t"), f("s"), f("l"), jnp.asarray(c["y"], jnp.int32),
-                            jnp.asarray(c["uncond"]), f("lam"),
-                            jnp.asarray(c["keep"], jnp.int32) if with_keep else None)
+    return ConsistencyBatch(f("x0"), f("eps"), f("t"), f("s"), f("l"), _jax_cond(c), jnp.asarray(c["uncond"]),
+                            f("lam"), jnp.asarray(c["keep"], jnp.int32) if with_keep else None)
 
 
 # ---- the reference, written from the method's formulas ----
 
-def _guided(x_t, v_t, v_pred, t, y, uncond, keep, cfg):
+def _guided(x_t, v_t, v_pred, b, keep, cfg):
     """SoFlow's guided, mixed, masked target (and the reference velocity it used)."""
     if cfg.guidance == "none" or cfg.guidance_scale <= 1.0:
         return v_t
-    n = len(t)
-    null = np.full(n, NULL)
+    t, uncond = b["t"], b["uncond"]
     if cfg.guidance == "path_drop":
-        v_ref = np_F(x_t, t, t, y if cfg.weak_label == "cond" else null, weak=True)
+        v_ref = np_F(x_t, t, t, np_cond(b, cfg.weak_label != "cond"), weak=True)
     else:
-        v_ref = np_F(x_t, t, t, null, keep if cfg.cfg_uncond_dropped else None)
+        v_ref = np_F(x_t, t, t, np_cond(b, True), keep if cfg.cfg_uncond_dropped else None)
     g = v_t + (np_decay(t, cfg.decay_tau, cfg.decay_k) * (cfg.guidance_scale - 1.0))[:, None] * (v_t - v_ref)
     g = cfg.mix * g + (1 - cfg.mix) * v_pred
     return np.where(uncond[:, None], v_t, g)
@@ -135,10 +167,9 @@ def _vel_ref(v, cfg, keep):
     t = v["t"]
     x_t = (1 - t)[:, None] * v["x0"] + t[:, None] * v["eps"]
     v_t = v["eps"] - v["x0"]
-    y_in = np.where(v["uncond"], NULL, v["y"])
     k = v["keep"] if keep else None
-    pred = np_F(x_t, t, t, y_in, k)
-    target = _guided(x_t, v_t, pred, t, v["y"], v["uncond"], k, cfg)
+    pred = np_F(x_t, t, t, np_cond(v, v["uncond"]), k)
+    target = _guided(x_t, v_t, pred, v, k, cfg)
     mse = np.mean((pred - target) ** 2, axis=1)
     w = 1.0 / (mse + cfg.eps) ** cfg.p if cfg.adaptive_weight else np.ones_like(mse)
     return w * mse, w[:, None] * 2 * (pred - target) / D
@@ -148,8 +179,7 @@ def _weak_ref(v, cfg):
     t = v["t"]
     x_t = (1 - t)[:, None] * v["x0"] + t[:, None] * v["eps"]
     v_t = v["eps"] - v["x0"]
-    label = v["y"] if cfg.weak_label == "cond" else np.full(len(t), NULL)
-    pred = np_F(x_t, t, t, label, weak=True)
+    pred = np_F(x_t, t, t, np_cond(v, cfg.weak_label != "cond"), weak=True)
     mse = np.mean((pred - v_t) ** 2, axis=1)
     w = 1.0 / (mse + cfg.eps) ** cfg.p if cfg.adaptive_weight else np.ones_like(mse)
     return w * mse, w[:, None] * 2 * (pred - v_t) / D
@@ -160,11 +190,11 @@ def _con_ref(c, cfg, keep, mva):
     t, s, l, lam = c["t"], c["s"], c["l"], c["lam"]
     x_t = (1 - t)[:, None] * c["x0"] + t[:, None] * c["eps"]
     v_t = c["eps"] - c["x0"]
-    y_in = np.where(c["uncond"], NULL, c["y"])
+    y_in = np_cond(c, c["uncond"])
     k = c["keep"] if keep else None
     N = np_F(x_t, t, s, y_in, k)
     v_pred = np_F(x_t, t, t, y_in, k)
-    target = _guided(x_t, v_t, v_pred, t, c["y"], c["uncond"], k, cfg)
+    target = _guided(x_t, v_t, v_pred, c, k, cfg)
     x_l = x_t + (l - t)[:, None] * target
     f_l = x_l + (s - l)[:, None] * np_F(x_l, l, s, y_in, k)
     f_t = x_t + (s - t)[:, None] * N
@@ -210,12 +240,12 @@ def _assert_grads_close(loss_fn, surrogate):
     assert max(float(jnp.abs(a).max()) for a in g.values()) > 1e-2  # not a vacuous 0 == 0
 
 
-def _graded(p, x_t, t, s, y_in, keep=None, weak=False):
+def _graded(p, x_t, t, s, b, null, keep=None, weak=False):
     """The JAX network's output at fixed (stop-gradient) inputs, for the gradient surrogate."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     k = None if keep is None else jnp.asarray(keep, jnp.int32)
-    return NET.decode(p, NET.encode(p, f32(x_t), f32(t), jnp.asarray(y_in, jnp.int32), k, weak),
-                      f32(t), f32(s), jnp.asarray(y_in, jnp.int32))
+    cond = _jax_cond(b).nulled(jnp.broadcast_to(jnp.asarray(null), (len(b["t"]),)))
+    return NET.decode(p, NET.encode(p, f32(x_t), f32(t), cond, k, weak), f32(t), f32(s))
 
 
 def _x_t(b):
@@ -241,12 +271,17 @@ def _eflow_cfg(overrides):
     return cfg
 
 
+def _eflow(p, vb, wb, cb, cfg):
+    return eflow_core(p, NET, Draw(vb, wb, cb), Settings.of(cfg))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", sorted(EFLOW_VARIANTS))
-def test_eflow_loss_value_matches_hand_computation(variant):
+def test_eflow_loss_value_matches_hand_computation(variant, kind):
     """eflow_core = (n_v/n) mean(vel + weak losses) + (n_c/n) mean(L_con + beta L_mva), by hand."""
     cfg = _eflow_cfg(EFLOW_VARIANTS[variant])
-    v, w, c = _inputs()
-    loss, _ = eflow_core(PARAMS, NET, _vel_batch(v, True), _vel_batch(w, False), _con_batch(c, True), cfg)
+    v, w, c = _inputs(kind)
+    loss, _ = _eflow(PARAMS, _vel_batch(v, True), _vel_batch(w, False), _con_batch(c, True), cfg)
     l_v, _ = _vel_ref(v, cfg, keep=True)
     l_w, _ = _weak_ref(w, cfg)
     l_c, _ = _con_ref(c, cfg, keep=True, mva=cfg.mva.enabled)
@@ -254,102 +289,109 @@ def test_eflow_loss_value_matches_hand_computation(variant):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", ["default", "eps_half", "beta_half_adaptive", "beta2_plain",
                                      "weak_cond_label"])
-def test_eflow_gradient_matches_hand_computation(variant):
+def test_eflow_gradient_matches_hand_computation(variant, kind):
     """The gradient flows only through the graded outputs, with every weight and target sg."""
     cfg = _eflow_cfg(EFLOW_VARIANTS[variant])
-    v, w, c = _inputs()
+    v, w, c = _inputs(kind)
     _, g_v = _vel_ref(v, cfg, keep=True)
     _, g_w = _weak_ref(w, cfg)
     _, g_c = _con_ref(c, cfg, keep=True, mva=cfg.mva.enabled)
     n = len(v["t"]) + len(w["t"]) + len(c["t"])  # each sample's share is 1 / n
 
     def surrogate(p):
-        y_v = np.where(v["uncond"], NULL, v["y"])
-        y_c = np.where(c["uncond"], NULL, c["y"])
-        w_label = w["y"] if cfg.weak_label == "cond" else np.full(len(w["t"]), NULL)
-        terms = [(g_v, _graded(p, _x_t(v), v["t"], v["t"], y_v, v["keep"])),
-                 (g_w, _graded(p, _x_t(w), w["t"], w["t"], w_label, weak=True)),
-                 (g_c, _graded(p, _x_t(c), c["t"], c["s"], y_c, c["keep"]))]
+        terms = [(g_v, _graded(p, _x_t(v), v["t"], v["t"], v, v["uncond"], v["keep"])),
+                 (g_w, _graded(p, _x_t(w), w["t"], w["t"], w, cfg.weak_label != "cond", weak=True)),
+                 (g_c, _graded(p, _x_t(c), c["t"], c["s"], c, c["uncond"], c["keep"]))]
         return sum(jnp.sum(jnp.asarray(gr, jnp.float32) * out) for gr, out in terms) / n
 
     _assert_grads_close(
-        lambda p: eflow_core(p, NET, _vel_batch(v, True), _vel_batch(w, False), _con_batch(c, True), cfg),
-        surrogate)
+        lambda p: _eflow(p, _vel_batch(v, True), _vel_batch(w, False), _con_batch(c, True), cfg), surrogate)
 
 
-def test_eflow_branch_shares_are_their_batch_fractions():
+@pytest.mark.parametrize("kind", KINDS)
+def test_eflow_branch_shares_are_their_batch_fractions(kind):
     """Each sub-batch alone, then together: the shares are n_branch / n, not swapped or equal."""
     cfg = _eflow_cfg(dict(eps=0.5))
-    v, w, c = _inputs()
+    v, w, c = _inputs(kind)
     vb, wb, cb = _vel_batch(v, True), _vel_batch(w, False), _con_batch(c, True)
     l_v, _ = _vel_ref(v, cfg, keep=True)
     l_w, _ = _weak_ref(w, cfg)
     l_c, _ = _con_ref(c, cfg, keep=True, mva=True)
-    np.testing.assert_allclose(float(eflow_core(PARAMS, NET, vb, None, None, cfg)[0]), l_v.mean(), rtol=1e-4)
-    np.testing.assert_allclose(float(eflow_core(PARAMS, NET, None, wb, None, cfg)[0]), l_w.mean(), rtol=1e-4)
-    np.testing.assert_allclose(float(eflow_core(PARAMS, NET, None, None, cb, cfg)[0]), l_c.mean(), rtol=1e-4)
-    both = float(eflow_core(PARAMS, NET, vb, wb, cb, cfg)[0])
+    np.testing.assert_allclose(float(_eflow(PARAMS, vb, None, None, cfg)[0]), l_v.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(_eflow(PARAMS, None, wb, None, cfg)[0]), l_w.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(_eflow(PARAMS, None, None, cb, cfg)[0]), l_c.mean(), rtol=1e-4)
+    both = float(_eflow(PARAMS, vb, wb, cb, cfg)[0])
     np.testing.assert_allclose(both, (l_v.sum() + l_w.sum() + l_c.sum()) / 9, rtol=1e-4)
     # The velocity-side and consistency means differ, so swapped shares would show.
     assert abs(np.concatenate([l_v, l_w]).mean() - l_c.mean()) > 0.05
 
 
-def test_solution_flow_loss_and_gradient_match_hand_computation():
-    """SoFlow: dense passes, CFG target from the full net at the null label, no weak, no MVA."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_solution_flow_loss_and_gradient_match_hand_computation(kind):
+    """SoFlow: dense passes, CFG target from the full net at the null condition, no weak, no MVA."""
     cfg = default_objective_config("solution_flow")
     cfg.eps = 0.5
-    v, _, c = _inputs()
+    st = Settings.of(cfg)
+    v, _, c = _inputs(kind)
     vb, cb = _vel_batch(v, False), _con_batch(c, False)
-    loss, _ = solution_flow_core(PARAMS, NET, vb, cb, cfg)
+    loss, _ = solution_flow_core(PARAMS, NET, Draw(vb, None, cb), st)
     l_v, g_v = _vel_ref(v, cfg, keep=False)
     l_c, g_c = _con_ref(c, cfg, keep=False, mva=False)
     expected, n = _total([l_v], l_c)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
 
     def surrogate(p):
-        y_v = np.where(v["uncond"], NULL, v["y"])
-        y_c = np.where(c["uncond"], NULL, c["y"])
-        return (jnp.sum(jnp.asarray(g_v, jnp.float32) * _graded(p, _x_t(v), v["t"], v["t"], y_v))
-                + jnp.sum(jnp.asarray(g_c, jnp.float32) * _graded(p, _x_t(c), c["t"], c["s"], y_c))) / n
+        return (jnp.sum(jnp.asarray(g_v, jnp.float32) * _graded(p, _x_t(v), v["t"], v["t"], v, v["uncond"]))
+                + jnp.sum(jnp.asarray(g_c, jnp.float32) * _graded(p, _x_t(c), c["t"], c["s"], c, c["uncond"]))) / n
 
-    _assert_grads_close(lambda p: solution_flow_core(p, NET, vb, cb, cfg), surrogate)
+    _assert_grads_close(lambda p: solution_flow_core(p, NET, Draw(vb, None, cb), st), surrogate)
     # phi = 0 (pure consistency, CIFAR) and phi = 1 (velocity only) are the branch means.
-    np.testing.assert_allclose(float(solution_flow_core(PARAMS, NET, None, cb, cfg)[0]), l_c.mean(), rtol=1e-4)
-    np.testing.assert_allclose(float(solution_flow_core(PARAMS, NET, vb, None, cfg)[0]), l_v.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(solution_flow_core(PARAMS, NET, Draw(None, None, cb), st)[0]), l_c.mean(),
+                               rtol=1e-4)
+    np.testing.assert_allclose(float(solution_flow_core(PARAMS, NET, Draw(vb, None, None), st)[0]), l_v.mean(),
+                               rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_flow_matching_loss_and_gradient_match_hand_computation(adaptive):
-    """Flow matching: (adaptively weighted) MSE of F(x_t, t, t, y') to v_t, no guidance."""
+def test_flow_matching_loss_and_gradient_match_hand_computation(adaptive, kind):
+    """Flow matching: (adaptively weighted) MSE of F(x_t, t, t, c') to v_t, no guidance."""
     cfg = default_objective_config("flow_matching")
     cfg.update(adaptive_weight=adaptive, eps=0.5)
-    v, _, _ = _inputs()
+    st = Settings.of(cfg)
+    v, _, _ = _inputs(kind)
     vb = _vel_batch(v, False)
-    loss, _ = flow_matching_core(PARAMS, NET, vb, cfg)
+    loss, _ = flow_matching_core(PARAMS, NET, Draw(vb, None, None), st)
     l_v, g_v = _vel_ref(v, cfg, keep=False)
     np.testing.assert_allclose(float(loss), l_v.mean(), rtol=1e-4)
 
     def surrogate(p):
-        y_v = np.where(v["uncond"], NULL, v["y"])
-        return jnp.sum(jnp.asarray(g_v, jnp.float32) * _graded(p, _x_t(v), v["t"], v["t"], y_v)) / len(v["t"])
+        out = _graded(p, _x_t(v), v["t"], v["t"], v, v["uncond"])
+        return jnp.sum(jnp.asarray(g_v, jnp.float32) * out) / len(v["t"])
 
-    _assert_grads_close(lambda p: flow_matching_core(p, NET, vb, cfg), surrogate)
+    _assert_grads_close(lambda p: flow_matching_core(p, NET, Draw(vb, None, None), st), surrogate)
 
 
-def test_reference_network_matches_jax_network():
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_network_matches_jax_network(kind):
     """The numpy reference evaluates the same network as the JAX one (guards the tests above)."""
-    v, _, c = _inputs()
+    v, _, c = _inputs(kind)
     x = _x_t(c)
     for keep, weak in ((None, False), (c["keep"], False), (None, True)):
-        y = c["y"] if not weak else np.full(4, NULL)
-        np.testing.assert_allclose(_graded(PARAMS, x, c["t"], c["s"], y, keep, weak),
-                                   np_F(x, c["t"], c["s"], y, keep, weak), rtol=1e-5, atol=1e-5)
-    # Labels, the weak path, the token mask and s all change F here.
-    base = np_F(x, c["t"], c["s"], c["y"], c["keep"])
-    for other in (np_F(x, c["t"], c["s"], np.full(4, NULL), c["keep"]),
-                  np_F(x, c["t"], c["s"], c["y"], c["keep"], weak=True),
-                  np_F(x, c["t"], c["s"], c["y"], None),
-                  np_F(x, c["t"], c["s"] + 0.05, c["y"], c["keep"])):
+        null = weak  # The weak path at the null condition, the others at the own condition.
+        np.testing.assert_allclose(_graded(PARAMS, x, c["t"], c["s"], c, null, keep, weak),
+                                   np_F(x, c["t"], c["s"], np_cond(c, null), keep, weak), rtol=1e-5, atol=1e-5)
+    # The condition, the weak path, the token mask and s all change F here.
+    own = np_cond(c, False)
+    base = np_F(x, c["t"], c["s"], own, c["keep"])
+    for other in (np_F(x, c["t"], c["s"], np_cond(c, True), c["keep"]),
+                  np_F(x, c["t"], c["s"], own, c["keep"], weak=True),
+                  np_F(x, c["t"], c["s"], own, None),
+                  np_F(x, c["t"], c["s"] + 0.05, own, c["keep"])):
         assert np.abs(other - base).max(axis=1).min() > 1e-3  # every sample
+    if kind == "text":  # The padding mask matters: every token counted would change the condition.
+        full = dict(c, mask=np.ones_like(c["mask"]))
+        assert np.abs(np_cond(full, False) - own).max() > 1e-3 and not c["mask"].all()

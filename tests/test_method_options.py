@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from toy_networks import make_linear_network
 
-from eflow_jax.flow import branches as br
-from eflow_jax.flow import cost
+from eflow_jax.flow import cost, objectives
+from eflow_jax.flow.condition import Condition
+from eflow_jax.flow.draw import Draw, VelocityBatch
 from eflow_jax.flow.objectives import default_objective_config, make_loss, validate_config
 from eflow_jax.models import dit, tokens
 from eflow_jax.models.embed import rope_angles
@@ -34,7 +35,7 @@ def inputs(batch=2, shape=(4, 16, 16, 3)):
     ks = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(ks[0], (batch, *shape))
     t = jax.random.uniform(ks[1], (batch,), minval=0.2, maxval=1.0)
-    return x, t, jax.random.randint(ks[2], (batch,), 0, 5)
+    return x, t, Condition.of_labels(jax.random.randint(ks[2], (batch,), 0, 5))
 
 
 def lowered_flops(fn, *args) -> float:
@@ -110,14 +111,14 @@ def test_objective_routes_weak_path_to_every_weak_pass():
     net, params = make_linear_network(2, 3)
     seen = []
 
-    def encode(p, x, t, y, keep, weak):
+    def encode(p, x, t, cond, keep, weak):
         seen.append(weak)
-        return net.encode(p, x, t, y, keep, weak)
+        return net.encode(p, x, t, cond, keep, weak)
 
-    spy = type(net)(encode, net.decode, net.sample_keep, net.null_label, net.decoupled)
+    spy = type(net)(encode, net.decode, net.sample_keep, net.decoupled)
     c = default_objective_config("eflow")
     c.weak_path = "skip_half"
-    x0, y = jnp.ones((16, 2)), jnp.zeros((16,), jnp.int32)
+    x0, y = jnp.ones((16, 2)), Condition.of_labels(jnp.zeros((16,), jnp.int32))
     jax.make_jaxpr(make_loss(c, spy, 10))(params, x0, y, jax.random.key(0), 1)
     weak_calls = [w for w in seen if w]
     # Weak sub-batch + the reference of the velocity and consistency targets.
@@ -131,10 +132,19 @@ def test_weak_label_independent_uses_the_samples_own_label_drop():
     n = 8
     k = jax.random.split(jax.random.key(0), 3)
     mask = jnp.arange(n) % 2 == 0
-    b = br.VelocityBatch(jax.random.normal(k[0], (n, 2)), jax.random.normal(k[1], (n, 2)),
-                         jax.random.uniform(k[2], (n,), minval=0.1, maxval=0.9), jnp.arange(n) % 3, mask)
-    loss = {w: br.weak_branch(params, net, b, p=1.0, eps=0.01, weak_label=w)[0]
-            for w in ("null", "cond", "independent")}
+    b = VelocityBatch(jax.random.normal(k[0], (n, 2)), jax.random.normal(k[1], (n, 2)),
+                      jax.random.uniform(k[2], (n,), minval=0.1, maxval=0.9), Condition.of_labels(jnp.arange(n) % 3),
+                      mask)
+    all_null = b._replace(uncond=jnp.ones((n,), bool))  # What drawing gives the weak samples for 'null'.
+
+    def per_sample(weak_label, batch):  # The weak sub-batch's loss, the core run on one sample at a time.
+        c = default_objective_config("eflow")
+        c.weak_label = weak_label
+        st = objectives.Settings.of(c)
+        one = lambda i: jax.tree.map(lambda a: a[i:i + 1], batch)  # noqa: E731
+        return jnp.stack([objectives.eflow_core(params, net, Draw(None, one(i), None), st)[0] for i in range(n)])
+
+    loss = {w: per_sample(w, all_null if w == "null" else b) for w in ("null", "cond", "independent")}
     np.testing.assert_array_equal(loss["independent"][mask], loss["null"][mask])
     np.testing.assert_array_equal(loss["independent"][~mask], loss["cond"][~mask])
     assert float(jnp.abs(loss["null"] - loss["cond"]).max()) > 1e-4
@@ -143,7 +153,7 @@ def test_weak_label_independent_uses_the_samples_own_label_drop():
 def test_weak_label_independent_draws_label_drop_in_make_loss():
     net, params = make_linear_network(2, 3)
     x0 = jax.random.normal(jax.random.key(1), (64, 2))
-    y = jnp.arange(64) % 3
+    y = Condition.of_labels(jnp.arange(64) % 3)
 
     def weak_loss(weak_label, label_drop):
         c = default_objective_config("eflow")
@@ -182,7 +192,7 @@ def test_flow_matching_keeps_its_label_drop():
     assert c.label_drop == 0.1 and c.guidance == "none"
     validate_config(c)  # CFG happens in its sampler, so it trains the null label.
     net, params = make_linear_network(2, 3)
-    x0, y = jnp.ones((32, 2)), jnp.zeros((32,), jnp.int32)
+    x0, y = jnp.ones((32, 2)), Condition.of_labels(jnp.zeros((32,), jnp.int32))
     loss = lambda c: float(make_loss(c, net, 10)(params, x0, y, jax.random.key(0), 1)[0])  # noqa: E731
     no_drop = default_objective_config("flow_matching")
     no_drop.label_drop = 0.0
@@ -236,7 +246,7 @@ def test_flop_count_matches_xla_for_structured_and_unstructured_drop():
         c = cfg("S", video_shape=(4, 32, 32, 3), structured_drop=structured)
         model, net = dit.make_network(c)
         params = jax.eval_shape(lambda: nn.meta.unbox(dit.init_params(model, jax.random.key(0))))
-        x, t, y = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(1, (4, 32, 32, 3)))
+        x, t, y = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs(1, (4, 32, 32, 3)))
         keep = jax.ShapeDtypeStruct((1, 4 * 16 * 16 // 4), jnp.int32)
         counted[structured] = lowered_flops(lambda p, k, x, t, y: net(p, x, t, t, y, k), params, keep, x, t, y)
         ours[structured] = dit.count_flops(c).dropped

@@ -31,7 +31,7 @@ def random_toy_params(module: ToyMLP, seed: int = 0, dtype=jnp.float32, scale: f
 def make_linear_network(data_dim: int, num_classes: int, seed: int = 0):
     """A cheap analytic Network (and its params) for tests of objective and sampler logic.
 
-    trunk h = x W + t b_t + E[y] (weak path: x W_weak + t b_t + E[y]); decoder
+    trunk h = x W + t b_t + E[y] (weak path: x W_weak + t b_t + E[y]; null samples: E[num_classes]); decoder
     F = tanh(h) * (1 + (t - s) a) + (t - s) c. Nonlinear in x and s, a few ops to compile.
     """
     rng = np.random.default_rng(seed)
@@ -42,14 +42,13 @@ def make_linear_network(data_dim: int, num_classes: int, seed: int = 0):
     params = dict(W=draw(data_dim, data_dim), W_weak=draw(data_dim, data_dim), b_t=draw(data_dim),
                   E=draw(num_classes + 1, data_dim), a=draw(data_dim), c=draw(data_dim))
 
-    def encode(p, x, t, y, keep, weak):
+    def encode(p, x, t, cond, keep, weak):
         w = p["W_weak"] if weak else p["W"]
-        return x @ w.astype(x.dtype) + t[:, None] * p["b_t"] + p["E"][y]
+        return x @ w.astype(x.dtype) + t[:, None] * p["b_t"] + p["E"][cond.labels(num_classes)]
 
-    def decode(p, h, t, s, y):
+    def decode(p, h, t, s):
         dt = (t - s)[:, None]
         return jnp.tanh(h) * (1.0 + dt * p["a"]) + dt * p["c"]
 
-    net = Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None,
-                  null_label=num_classes, decoupled=True)
+    net = Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None, decoupled=True)
     return net, params

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eflow_jax.flow import samplers
+from eflow_jax.flow.condition import Condition
 from eflow_jax.models import dit
 
 TINY = dict(variant="tiny", video_shape="4,16,16,3", patch="1,4,4", tile="2,4,4", cell="1,2,2",
@@ -82,7 +83,7 @@ def random_params(model, param_dtype: str, seed: int = 0):
 
 
 def few_step_fns(net, num_steps: tuple[int, ...]) -> dict[str, tuple]:
-    """method -> (fn(params, noise, labels, rng), nfe, weak_nfe, sampler, guidance)."""
+    """method -> (fn(params, noise, condition, rng), nfe, weak_nfe, sampler, guidance)."""
     def renoise(n):
         return lambda p, z, y, r: samplers.renoise_sample(net, p, z, y, n, r)
 
@@ -139,7 +140,7 @@ def run(args) -> list[dict]:
             cfg, net, params = built[modes[role]]
             shape = tuple(cfg.video_shape)
             noise = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
-            labels = jax.random.randint(jax.random.key(2), (batch,), 0, cfg.num_classes)
+            labels = Condition.of_labels(jax.random.randint(jax.random.key(2), (batch,), 0, cfg.num_classes))
             if role == "few_step":
                 fns = few_step_fns(net, steps)
             else:

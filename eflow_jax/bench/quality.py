@@ -30,13 +30,14 @@ import numpy as np
 from eflow_jax import config_file, loop, sample, sharding, train
 from eflow_jax.bench import train as bench_train
 from eflow_jax.data import pipeline
-from eflow_jax.flow import probe
+from eflow_jax.flow import objectives, probe
+from eflow_jax.flow.condition import Condition
 
 
 def sample_settings(config: ml_collections.ConfigDict) -> list[tuple[str, int, ml_collections.ConfigDict]]:
     """(name, steps, sample config) of the samplers scored for this objective."""
     out = []
-    if config.objective.name == "flow_matching":
+    if objectives.objective(config.objective.name).few_step_sampler is None:  # Iterative: ODE + guidance.
         for guidance in ("cfg", "none"):
             s = ml_collections.ConfigDict(config.sample.to_dict())
             s.update(sampler="euler", guidance=guidance, guidance_scale=3.0)
@@ -63,7 +64,7 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
                                         float_video=False)
     batches = loop.DevicePrefetcher(data, lambda b: sharding.to_global_batch(b, prog.mesh))
     clips, labels = pipeline.heldout_clips(config.data, 64)
-    fixed = probe.make_probe(clips, labels)
+    fixed = probe.make_probe(clips, Condition.of_labels(labels))
     probe_fn = jax.jit(lambda p: probe.probe_metrics(prog.net, p, fixed))
     if gauge:
         from eflow_jax.eval import shapes

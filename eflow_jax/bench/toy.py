@@ -29,7 +29,8 @@ import optax
 
 from eflow_jax.bench import toy_data
 from eflow_jax.flow import samplers
-from eflow_jax.flow.objectives import default_objective_config, make_loss
+from eflow_jax.flow.condition import Condition
+from eflow_jax.flow.objectives import OBJECTIVES, default_objective_config, make_loss
 from eflow_jax.models.toy_net import ToyMLP, init_toy_params, make_toy_network
 
 # SoFlow's adaptive weight 1 / (mean_d D^2 + eps)^p assumes mean_d D^2 concentrates over many
@@ -53,9 +54,9 @@ def objective_config(objective: str, scale: float, p: float | None = TOY_P):
     """
     c = default_objective_config(objective)
     c.guidance_scale = scale
-    if scale == 1.0 and objective != "flow_matching":
+    if scale == 1.0 and c.guidance != "none":
         c.guidance, c.label_drop = "none", 0.0  # SoFlow drops labels only for guidance.
-    if p is not None and objective != "flow_matching":
+    if p is not None and c.adaptive_weight:
         c.p = p
     return c
 
@@ -80,7 +81,8 @@ def train(ds: toy_data.Mixture, obj_cfg, *, steps: int, batch: int,
         k_y, k_x, k_loss = jax.random.split(key, 3)
         y = jax.random.randint(k_y, (batch,), 0, ds.num_classes)
         x0 = toy_data.sample_data(ds, k_x, y)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x0, y, k_loss, step)
+        cond = Condition.of_labels(y)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x0, cond, k_loss, step)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         # EMA with warm-up: early averages must not keep the initial weights around.
@@ -108,30 +110,32 @@ def evaluate(ds, net, params, objective: str, scale: float, n_per_class: int, se
     rng = jax.random.PRNGKey(seed + 1000)
     k_noise, k_data, k_ref, k_swd, k_renoise = jax.random.split(rng, 5)
     y = jnp.repeat(jnp.arange(ds.num_classes), n_per_class)
+    cond = Condition.of_labels(y)
     noise = jax.random.normal(k_noise, (y.shape[0], ds.dim))
     data = toy_data.sample_data(ds, k_data, y)
-    tau_d = 0.8 if objective != "flow_matching" else 1.0
+    iterative = OBJECTIVES[objective].few_step_sampler is None  # Sampled by an ODE solver + CFG.
+    tau_d = 1.0 if iterative else 0.8
     ref = toy_data.guided_reference(ds, k_ref, y, scale, tau_d) if scale != 1.0 else data
 
     def per_class_swd(samples, target):
         return float(toy_data.class_mean_swd(samples, target, k_swd, ds.num_classes))
 
-    if objective == "flow_matching":
+    if iterative:
         plans = [("euler", n) for n in (1, 2, 4, 50)]
     else:
         plans = [("renoise", n) for n in (1, 2, 4)] + [("chain", n) for n in (2, 4)]
     plans = [(sampler, n) for sampler, n in plans if n in sampler_steps]
     for sampler, n in plans:
         if sampler == "euler":
-            fn = jax.jit(lambda p, x, y, n=n: samplers.euler_sample(net, p, x, y, n, scale, "cfg"))
-            out = fn(params, noise, y)
+            fn = jax.jit(lambda p, x, c, n=n: samplers.euler_sample(net, p, x, c, n, scale, "cfg"))
+            out = fn(params, noise, cond)
             nfe = n * (2 if scale != 1.0 else 1)
         elif sampler == "renoise":
-            fn = jax.jit(lambda p, x, y, n=n: samplers.renoise_sample(net, p, x, y, n, k_renoise))
-            out, nfe = fn(params, noise, y), n
+            fn = jax.jit(lambda p, x, c, n=n: samplers.renoise_sample(net, p, x, c, n, k_renoise))
+            out, nfe = fn(params, noise, cond), n
         else:
-            fn = jax.jit(lambda p, x, y, n=n: samplers.chain_sample(net, p, x, y, n))
-            out, nfe = fn(params, noise, y), n
+            fn = jax.jit(lambda p, x, c, n=n: samplers.chain_sample(net, p, x, c, n))
+            out, nfe = fn(params, noise, cond), n
         result = dict(sampler=sampler, steps=n, nfe=nfe, swd_data=per_class_swd(out, data),
                       swd_ref=per_class_swd(out, ref))
         if ds.num_classes == 1 and n == 1:
@@ -179,12 +183,14 @@ def main(argv=None) -> None:
             ds, objective_config(objective, scale, p), steps=args.steps, batch=args.batch,
             width=args.width, lr=args.lr, seed=args.seed, time_scale=args.time_scale,
             ema_decay=args.ema)
-        scales = (1.0, scale) if objective == "flow_matching" and scale != 1.0 else (scale,)
+        iterative = OBJECTIVES[objective].few_step_sampler is None
+        scales = (1.0, scale) if iterative and scale != 1.0 else (scale,)
         for w in scales:  # FM: one model, sampled with and without CFG
             for result in evaluate(ds, net, params, objective, w, args.n_per_class, args.seed,
                                    args.sampler_steps):
                 line = dict(dataset=name, objective=objective, w=w,
-                            p=None if objective == "flow_matching" else p, train_steps=args.steps,
+                            p=p if default_objective_config(objective).adaptive_weight else None,
+                            train_steps=args.steps,
                             train_s=round(seconds, 1), **result)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in line.items()}), flush=True)

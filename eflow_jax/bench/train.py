@@ -133,7 +133,7 @@ def time_model(c, drop: bool, iters: int) -> dict:
     b = c.batch_size
     x = jax.random.normal(jax.random.key(1), (b, *c.model.video_shape))
     t = jnp.full((b,), 0.5)
-    y = jnp.zeros((b,), jnp.int32)
+    y = dit.dummy_condition(c.model, b)
     keep = net.sample_keep(jax.random.key(2), b) if drop else None
 
     def loss(p):

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from eflow_jax.flow.guidance import guidance_active
-from eflow_jax.flow.objectives import dense_from_step, dense_phase, split_sizes, validate_config
+from eflow_jax.flow.objectives import Settings, batch_split, dense_from_step, dense_phase, objective, validate_config
 
 FLOP_KINDS = ("full", "dropped", "weak", "decoder")
 
@@ -49,33 +48,11 @@ def pass_costs(flops: dict[str, float], token_drop: bool, decoupled: bool,
 
 def branch_costs(c: ml_collections.ConfigDict, flops: dict[str, float],
                  decoupled: bool = True) -> dict[str, float]:
-    """Per-example cost (F units, forward + backward) of each branch of objective c.name."""
+    """Per-example cost (F units, forward + backward) of each branch of objective c.name: the cost
+    formula of its table entry (objectives.OBJECTIVES), beside the core whose passes it counts."""
     validate_config(c)
-    guided = guidance_active(c.guidance, float(c.guidance_scale))
-    mix_pass = guided and c.mix != 1.0 and not c.fm_on_con
-    if c.name == "flow_matching":
-        pc = pass_costs(flops, c.token_drop, decoupled)  # No weak pass.
-        return {"velocity": 3.0 * pc["dropped"], "weak": 0.0, "consistency": 0.0}
-    if c.name == "solution_flow":  # dense, every query a separate full pass
-        ref = 1.0 if guided else 0.0
-        fm = 3.0 if c.fm_on_con else 0.0
-        return {"velocity": 3.0 + ref, "weak": 0.0,
-                "consistency": ref + (1.0 if mix_pass else 0.0) + 3.0 + 1.0 + fm}
     pc = pass_costs(flops, c.token_drop, decoupled, c.weak_path)
-    c_d, q = pc["dropped"], pc["query"]
-    if not guided:
-        ref = 0.0
-    elif c.guidance == "path_drop":
-        ref = pc["weak"]
-    else:
-        ref = c_d if c.cfg_uncond_dropped else 1.0
-    mva = (q + c_d) if c.mva.enabled and c.mva.beta > 0 else 0.0
-    fm = 3.0 * q if c.fm_on_con else 0.0
-    return {
-        "velocity": 3.0 * c_d + ref,
-        "weak": 3.0 * pc["weak"],
-        "consistency": ref + (q if mix_pass else 0.0) + 3.0 * c_d + c_d + mva + fm,
-    }
+    return objective(c.name).costs(Settings.of(c), pc)
 
 
 def forward_equivalents(c: ml_collections.ConfigDict, flops: dict[str, float], batch_size: int,
@@ -91,7 +68,7 @@ def forward_equivalents(c: ml_collections.ConfigDict, flops: dict[str, float], b
       average 'per_example' (F units) and 'flops_per_example' (absolute).
     """
     costs = branch_costs(c, flops, decoupled)
-    n_full, n_weak, n_con = split_sizes(c, batch_size)
+    n_full, n_weak, n_con = batch_split(c, batch_size)
     avg = (n_full * costs["velocity"] + n_weak * costs["weak"]
            + n_con * costs["consistency"]) / batch_size
     return dict(costs, n_full=n_full, n_weak=n_weak, n_consistency=n_con, per_example=avg,

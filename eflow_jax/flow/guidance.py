@@ -3,21 +3,43 @@
 The guided velocity target is
     v~ = v_t + c(t) (w - 1) (v_t - v_ref),   then   v~ <- m v~ + (1 - m) sg v_pred,
 and samples whose label was dropped keep the plain conditional velocity v_t. v_ref is
-- 'cfg' (SoFlow): the full network at the null label, sg F(x_t, t, t, null);
-- 'path_drop' (EFlow): the weak path (middle blocks skipped) at the null label,
+- 'cfg' (SoFlow): the full network at the null condition, sg F(x_t, t, t, null);
+- 'path_drop' (EFlow): the weak path (middle blocks skipped) at the null condition,
   sg F^weak(x_t, t, t, null), i.e. autoguidance by a weak model inside the same network.
+The reference passes are run by the objectives' cores (objectives.py), which decide what merges.
 The decay c(t) switches guidance off smoothly near pure noise (t > tau_d).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from eflow_jax.flow.interpolant import bcast
-from eflow_jax.flow.network import Keep, Network, Params, frozen
 
 GUIDANCE_MODES = ("none", "cfg", "path_drop")
+WEAK_LABELS = ("null", "cond", "independent")
+
+
+class Guidance(NamedTuple):
+    """Static guidance settings of a training target (mode 'none': unguided targets)."""
+
+    mode: str = "none"  # 'none' | 'cfg' | 'path_drop'
+    scale: float = 1.0
+    mix: float = 1.0
+    tau_d: float = 1.0
+    k: float = 0.025
+    # Condition of the weak reference: 'null' (SPRINT) or 'cond' (pure autoguidance ablation);
+    # 'independent' guides from null too (it only changes how the weak sub-batch is drawn).
+    weak_label: str = "null"
+    uncond_dropped: bool = False  # cfg ablation: run the unconditional pass token-dropped
+    weak_path: str = "drop_middle"  # or 'skip_half' (STG-style ablation): see Network.weak
+
+    @property
+    def active(self) -> bool:
+        return guidance_active(self.mode, self.scale)
 
 
 def decay_scale(t: jax.Array, tau_d: float = 0.8, k: float = 0.025) -> jax.Array:
@@ -72,24 +94,6 @@ def guided_target(
         target = mix * target + (1.0 - mix) * v_pred
     target = jnp.where(bcast(uncond_mask, v_t) > 0, v_t, target)
     return jax.lax.stop_gradient(target)
-
-
-def cfg_reference(
-    net: Network, params: Params, x_t: jax.Array, t: jax.Array, keep: Keep = None
-) -> jax.Array:
-    """sg F(x_t, t, t, null) through the full path (dense unless keep is given)."""
-    null = jnp.full(t.shape, net.null_label, jnp.int32)
-    return jax.lax.stop_gradient(net(frozen(params), x_t, t, t, null, keep))
-
-
-def path_drop_reference(
-    net: Network, params: Params, x_t: jax.Array, t: jax.Array, label: jax.Array | None = None,
-    path: str = "drop_middle",
-) -> jax.Array:
-    """sg F^weak(x_t, t, t, label) through the weak path `path` (Network.weak); label None = null."""
-    if label is None:
-        label = jnp.full(t.shape, net.null_label, jnp.int32)
-    return jax.lax.stop_gradient(net.weak(frozen(params), x_t, t, label, path=path))
 
 
 def guidance_active(mode: str, scale: float) -> bool:

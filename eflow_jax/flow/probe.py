@@ -5,10 +5,10 @@ Each objective logs its own losses on its own targets (solution flow's velocity 
 is: a fixed batch of held-out clips, fixed noise and a fixed grid of times, and the dense
 conditional velocity error
 
-    probe_vel_err = mean (F(x_t, t, t, y) - v_t)^2,   v_t = eps - x0,
+    probe_vel_err = mean (F(x_t, t, t, c) - v_t)^2,   v_t = eps - x0,
 
 plus the health signals that showed eflow's collapse (docs/METHOD.md, "Why MVA is weighted by
-w_c"): the rms of the fused trunk the decoder sees, and how much F depends on the label, on s
+w_c"): the rms of the fused trunk the decoder sees, and how much F depends on the condition, on s
 and on the middle blocks (F - F_weak). A network that learns moves all of them away from 0; the
 collapsed one kept them near 0 while its trunk grew ~40x.
 """
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eflow_jax.flow import interpolant as path
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.network import Network, Params
 
 
@@ -31,17 +32,17 @@ class Probe(NamedTuple):
     x_t: jax.Array  # noised clips [n, T, H, W, C]
     v_t: jax.Array  # conditional velocity eps - x0
     t: jax.Array  # float [n]: the stratified grid (i + 0.5) / n, so every noise level is covered
-    y: jax.Array  # int32 [n] labels
+    cond: Condition  # the clips' own condition (labels or captions)
 
 
-def make_probe(clips: np.ndarray, labels: np.ndarray, seed: int = 0) -> Probe:
-    """The probe for held-out `clips` [n, T, H, W, C] (model space) and their labels."""
+def make_probe(clips: np.ndarray, cond: Condition, seed: int = 0) -> Probe:
+    """The probe for held-out `clips` [n, T, H, W, C] (model space) and their condition."""
     x0 = jnp.asarray(clips, jnp.float32)
     n = x0.shape[0]
     eps = jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32)
     t = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n
     x_t, v_t = path.interpolate(x0, eps, t, "linear")
-    return Probe(x_t, v_t, t, jnp.asarray(labels, jnp.int32))
+    return Probe(x_t, v_t, t, jax.tree.map(jnp.asarray, cond))
 
 
 def _rms(a: jax.Array) -> jax.Array:
@@ -52,21 +53,20 @@ def probe_metrics(net: Network, params: Params, probe: Probe) -> dict[str, jax.A
     """Scalar probe metrics (all dense, no token drop), jit-able.
 
     Returns:
-      probe_vel_err: mean (F(x_t,t,t,y) - v_t)^2 (an untrained net scores ~E|v_t|^2 ~ 1.3-2).
-      probe_label_gap: rms(F(.., y) - F(.., null)): 0 means the label is ignored.
-      probe_s_gap: rms(F(x_t,t,t/2,y) - F(x_t,t,t,y)): 0 means F ignores s (no solution map).
+      probe_vel_err: mean (F(x_t,t,t,c) - v_t)^2 (an untrained net scores ~E|v_t|^2 ~ 1.3-2).
+      probe_label_gap: rms(F(.., c) - F(.., null)): 0 means the condition (label or text) is ignored.
+      probe_s_gap: rms(F(x_t,t,t/2,c) - F(x_t,t,t,c)): 0 means F ignores s (no solution map).
       probe_weak_gap: rms(F - F_weak): 0 means the middle blocks do nothing.
       probe_trunk_rms: rms of the fused trunk tokens (decoupled networks only).
     """
-    x_t, t, y = probe.x_t, probe.t, probe.y
-    null = jnp.full_like(y, net.null_label)
-    trunk = net.encode(params, x_t, t, y, None, False)
-    F = net.decode(params, trunk, t, t, y)
+    x_t, t, cond = probe.x_t, probe.t, probe.cond
+    trunk = net.encode(params, x_t, t, cond, None, False)
+    F = net.decode(params, trunk, t, t)
     out = {
         "probe_vel_err": jnp.mean(jnp.square(F - probe.v_t)),
-        "probe_label_gap": _rms(F - net(params, x_t, t, t, null)),
-        "probe_s_gap": _rms(net.decode(params, trunk, t, 0.5 * t, y) - F),
-        "probe_weak_gap": _rms(F - net.weak(params, x_t, t, y)),
+        "probe_label_gap": _rms(F - net(params, x_t, t, t, cond.nulled())),
+        "probe_s_gap": _rms(net.decode(params, trunk, t, 0.5 * t) - F),
+        "probe_weak_gap": _rms(F - net.weak(params, x_t, t, cond)),
     }
     if net.decoupled:
         out["probe_trunk_rms"] = _rms(trunk["h"])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eflow_jax.flow import interpolant as path
+from eflow_jax.flow.condition import Condition, join
 from eflow_jax.flow.guidance import GUIDANCE_MODES
 from eflow_jax.flow.network import Network, Params
 
@@ -48,13 +49,13 @@ def _as_typed_keys(rng: jax.Array) -> jax.Array:
 
 
 def renoise_sample(
-    net: Network, params: Params, noise: jax.Array, y: jax.Array, num_steps: int,
+    net: Network, params: Params, noise: jax.Array, cond: Condition, num_steps: int,
     rng: jax.Array, interpolant: str = "linear",
 ) -> jax.Array:
     """SoFlow's renoising multistep sampler.
 
     Args:
-      noise: the starting x at t = 1 [B, ...]. y: labels [B]. num_steps: N (static).
+      noise: the starting x at t = 1 [B, ...]. cond: the samples' condition. num_steps: N (static).
       rng: fresh-noise key for the N - 1 renoising steps: one key for the batch, or one key per
         sample [B] (then each sample's fresh noise depends on its own key only, so how samples are
         batched never changes a sample).
@@ -72,54 +73,55 @@ def renoise_sample(
     zero = lambda x: _full(x, 0.0)  # noqa: E731
 
     def step(i, x):
-        x0_hat = net.solution(params, x, _full(x, grid[i]), zero(x), y)
+        x0_hat = net.solution(params, x, _full(x, grid[i]), zero(x), cond)
         return path.renoise(x0_hat, fresh_noise(i, x), _full(x, grid[i + 1]), interpolant)
 
     x = jax.lax.fori_loop(0, num_steps - 1, step, noise)
-    return net.solution(params, x, _full(x, grid[num_steps - 1]), zero(x), y)
+    return net.solution(params, x, _full(x, grid[num_steps - 1]), zero(x), cond)
 
 
 def chain_sample(
-    net: Network, params: Params, noise: jax.Array, y: jax.Array, num_steps: int
+    net: Network, params: Params, noise: jax.Array, cond: Condition, num_steps: int
 ) -> jax.Array:
     """Deterministic chain of solution maps x <- f(x, tau_i, tau_{i+1})."""
     grid = _grid_array(num_steps, noise)
 
     def step(i, x):
-        return net.solution(params, x, _full(x, grid[i]), _full(x, grid[i + 1]), y)
+        return net.solution(params, x, _full(x, grid[i]), _full(x, grid[i + 1]), cond)
 
     return jax.lax.fori_loop(0, num_steps, step, noise)
 
 
-def guided_velocity_fn(net: Network, params: Params, y: jax.Array, scale: float, guidance: str):
+def guided_velocity_fn(net: Network, params: Params, cond: Condition, scale: float, guidance: str):
     """Returns v(x, t) = v_ref + w (v_cond - v_ref), the inference-time guided velocity.
 
     guidance 'cfg': v_ref = F(x, t, t, null), computed in one batched call with the
     conditional half. 'path_drop': v_ref = F^weak(x, t, t, null). 'none' (or w = 1): v_cond.
+    null is the network's learned null condition (flow/condition.py).
     """
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"Unknown guidance {guidance!r}; use one of {GUIDANCE_MODES}.")
-    null = jnp.full(y.shape, net.null_label, jnp.int32)
+    null = cond.nulled()
 
     def velocity(x: jax.Array, t: jax.Array) -> jax.Array:
         if guidance == "none" or scale == 1.0:
-            return net(params, x, t, t, y)
+            return net(params, x, t, t, cond)
         if guidance == "cfg":
             xx, tt = jnp.concatenate([x, x]), jnp.concatenate([t, t])
-            v_cond, v_unc = jnp.split(net(params, xx, tt, tt, jnp.concatenate([y, null])), 2)
+            v_cond, v_unc = jnp.split(net(params, xx, tt, tt, join(cond, null)), 2)
             return v_unc + scale * (v_cond - v_unc)
-        v_cond, v_weak = net(params, x, t, t, y), net.weak(params, x, t, null)
+        v_cond, v_weak = net(params, x, t, t, cond), net.weak(params, x, t, null)
         return v_weak + scale * (v_cond - v_weak)
 
     return velocity
 
 
 def euler_sample(
-    net: Network, params: Params, noise: jax.Array, y: jax.Array, num_steps: int,
+    net: Network, params: Params, noise: jax.Array, cond: Condition, num_steps: int,
     guidance_scale: float = 1.0, guidance: str = "cfg",
 ) -> jax.Array:
     """Euler ODE solve from t = 1 to 0 with num_steps uniform steps (a lax.fori_loop)."""
-    velocity = guided_velocity_fn(net, params, y, guidance_scale, guidance)
+    velocity = guided_velocity_fn(net, params, cond, guidance_scale, guidance)
     grid = _grid_array(num_steps, noise)
 
     def step(i, x):
@@ -130,11 +132,11 @@ def euler_sample(
 
 
 def heun_sample(
-    net: Network, params: Params, noise: jax.Array, y: jax.Array, num_steps: int,
+    net: Network, params: Params, noise: jax.Array, cond: Condition, num_steps: int,
     guidance_scale: float = 1.0, guidance: str = "cfg",
 ) -> jax.Array:
     """Heun (trapezoidal predictor-corrector) ODE solve from t = 1 to 0."""
-    velocity = guided_velocity_fn(net, params, y, guidance_scale, guidance)
+    velocity = guided_velocity_fn(net, params, cond, guidance_scale, guidance)
     grid = _grid_array(num_steps, noise)
 
     def step(i, x):

@@ -55,6 +55,7 @@ def attend(
     *,
     implementation: str = "auto",
     mask: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention softmax(q k^T / sqrt(d)) v.
 
@@ -63,15 +64,16 @@ def attend(
       implementation: 'auto' | 'cudnn' | 'xla' | 'splash'.
       mask: optional boolean [B, 1, Lq, Lk] (True = attend); used by the unstructured-drop
         fallback only.
+      kv_lengths: optional int32 [B]: attend to the first kv_lengths[b] keys only (padded text).
     Returns:
       [B, Lq, H, D] in q's dtype.
     """
     impl = resolve(implementation)
     if impl == "splash":
-        if mask is None and _splash_fits(q.shape[1], k.shape[1]):
+        if mask is None and kv_lengths is None and _splash_fits(q.shape[1], k.shape[1]):
             return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
-        impl = "xla"  # Splash wants 128-multiples; tiles and pooled keys are smaller.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        impl = "xla"  # Splash wants 128-multiples; tiles, pooled keys and text are smaller.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
 
 
 def _splash_fits(lq: int, lk: int) -> bool:

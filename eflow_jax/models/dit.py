@@ -6,8 +6,10 @@
 
 `encode` runs everything up to the fusion, `decode` the decoder and final layer, so objectives
 share one trunk pass across several s (METHOD.md 7a). With `decoupled=True` the trunk sees
-c_trunk = e_t(t) + e_y(y) and the decoder c_dec = c_trunk + e_d(t - s); with `decoupled=False`
+c_trunk = e_t(t) + e_c(condition) and the decoder c_dec = c_trunk + e_d(t - s); with `decoupled=False`
 every block sees c_dec (SoFlow's joint conditioning) and `encode` defers all work to `decode`.
+The condition is a class label (e_c: a label table with a learned null row) and/or text (e_c: the
+pooled projected text; every trunk block also cross-attends to the text tokens).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.network import WEAK_PATHS, Network
 from eflow_jax.models import attention, tokens
-from eflow_jax.models.embed import LabelEmbed, TimeEmbed, rope_angles
+from eflow_jax.models.embed import LabelEmbed, TextEmbed, TimeEmbed, rope_angles
 from eflow_jax.models.glga import GATES, GLOBAL_KINDS, MODES, Stack, TokenContext
 from eflow_jax.models.layers import AdaLN, Dense, RMSNorm, modulate, swiglu_hidden
 
@@ -62,14 +65,17 @@ def model_config(variant: str = "B", **overrides) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat="none",
         scan_layers=False,
-        context_dim=0,  # > 0 adds cross-attention to a text context of this width.
+        # Text conditioning: the width of the text encoder's states (0 = class-conditional only) and
+        # the most tokens a caption has (the stored embeddings' padded length).
+        context_dim=0,
+        context_len=77,
     ))
     cfg.update(overrides)
     return cfg
 
 
 class EFlowDiT(nn.Module):
-    """F_theta(x_t, t, s, y) for videos [B, T, H, W, C]; see the module docstring."""
+    """F_theta(x_t, t, s, condition) for videos [B, T, H, W, C]; see the module docstring."""
 
     config: ml_collections.ConfigDict
 
@@ -82,12 +88,17 @@ class EFlowDiT(nn.Module):
         block = dict(width=width, heads=heads, mlp_ratio=cfg.mlp_ratio, mode=cfg.mode,
                      global_kind=cfg.global_kind, gate=cfg.gate, implementation=cfg.attention_impl,
                      dtype=dtype)
-        stack = lambda depth: Stack(depth, block, cfg.remat, cfg.scan_layers)  # noqa: E731
+        text = cfg.context_dim > 0
+        # Cross-attention to the text lives in the trunk (encoder + middle), which one pass shares
+        # across every decoder query; with joint conditioning every block sees the text.
+        stack = lambda depth, cross: Stack(depth, dict(block, cross=cross), cfg.remat, cfg.scan_layers)  # noqa: E731
         self.patch_embed = Dense(width, ("patch", "embed"), dtype=dtype)
         self.t_embed = TimeEmbed(width)
         self.d_embed = TimeEmbed(width)  # Embeds t - s.
-        self.y_embed = LabelEmbed(cfg.num_classes, width)
-        self.encoder, self.middle, self.decoder = stack(n_enc), stack(n_mid), stack(n_dec)
+        self.y_embed = LabelEmbed(cfg.num_classes, width) if cfg.num_classes else None
+        self.text_embed = TextEmbed(width, cfg.context_dim, dtype) if text else None
+        self.encoder, self.middle = stack(n_enc, text), stack(n_mid, text)
+        self.decoder = stack(n_dec, text and not cfg.decoupled)
         self.fuse = Dense(width, ("fuse", "embed"), dtype=dtype)
         self.final_adaln = AdaLN(width, 2, dtype)
         self.final_norm = RMSNorm(use_scale=False)
@@ -97,63 +108,85 @@ class EFlowDiT(nn.Module):
 
     # ---- the two halves used by objectives ----
 
-    def encode(self, x, t, y, keep=None, weak: bool | str = False, s=None, context=None, path_drop=None):
+    def encode(self, x, t, cond: Condition, keep=None, weak: bool | str = False, s=None, path_drop=None):
         """Trunk tokens for decoder queries at any s (decoupled), or the packed inputs (joint).
 
         Args:
-          x: [B, T, H, W, C]; t: [B]; y: int32 [B].
+          x: [B, T, H, W, C]; t: [B]; cond: the condition (labels or text; null samples get the
+            learned null label / null text token).
           keep: int32 [B, n_keep] kept token ids (tokens.sample_keep) or None for all tokens.
           weak: False (full path), True or 'drop_middle' (the middle output replaced by mu: the
             weak path of Path-Drop Guidance) or 'skip_half' (STG-style: only the even-indexed
             middle blocks run, dense).
           s: only used with joint conditioning, where the trunk sees s.
-          context: optional text context [B, L, context_dim].
           path_drop: optional bool [B]; True replaces that sample's middle output by mu
             (SPRINT's training-time path drop).
+        Returns:
+          {'h': fused tokens, 'cond': the condition's adaLN vector [B, W], 'text': projected text
+          tokens and their lengths, or None}: everything `decode` needs.
         """
         weak = weak_kind(weak)
         if not self.config.decoupled and s is None:
-            trunk = {"x": x, "t": t, "y": y, "keep": keep, "context": context, "path_drop": path_drop}
+            trunk = {"x": x, "t": t, "cond": cond, "keep": keep, "path_drop": path_drop}
             return trunk | ({f"weak_{weak}": jnp.zeros((0,))} if weak else {})  # The key carries the kind.
-        c = self.t_embed(t) + self.y_embed(y) + (0 if s is None else self.d_embed(t - s))
-        return {"h": self._trunk(x, c, keep, weak, context, path_drop), "context": context}
+        cond_vec, text = self._condition(cond)
+        c = self.t_embed(t) + cond_vec + (0 if s is None else self.d_embed(t - s))
+        return {"h": self._trunk(x, c, keep, weak, text, path_drop), "cond": cond_vec, "text": text}
 
-    def decode(self, trunk, t, s, y):
+    def decode(self, trunk, t, s):
         """F_theta: the decoder blocks and final layer at query time s, [B, T, H, W, C] float32."""
         if "h" not in trunk:  # Joint conditioning: the whole network sees s.
             weak = next((k[len("weak_"):] for k in trunk if k.startswith("weak_")), False)
-            trunk = self.encode(trunk["x"], t, trunk["y"], trunk["keep"], weak, s,
-                                trunk["context"], trunk["path_drop"])
-        c = self.t_embed(t) + self.y_embed(y) + self.d_embed(t - s)
-        h = self.decoder(trunk["h"], c, self._context(None, h_dtype=trunk["h"].dtype), trunk["context"])
+            trunk = self.encode(trunk["x"], t, trunk["cond"], trunk["keep"], weak, s, trunk["path_drop"])
+        c = self.t_embed(t) + trunk["cond"] + self.d_embed(t - s)
+        text = trunk["text"] if self.decoder.block["cross"] else None
+        h = self.decoder(trunk["h"], c, self._context(None, h_dtype=trunk["h"].dtype), text)
         shift, scale = self.final_adaln(c)
         out = self.final(modulate(self.final_norm(h), shift, scale))
         return tokens.unpatchify(out.astype(jnp.float32), self.layout, self.config.video_shape[-1])
 
-    def __call__(self, x, t, s, y, keep=None, weak: bool = False, context=None):
-        return self.decode(self.encode(x, t, y, keep, weak, context=context), t, s, y)
+    def __call__(self, x, t, s, cond: Condition, keep=None, weak: bool = False):
+        return self.decode(self.encode(x, t, cond, keep, weak), t, s)
 
-    def trunk_tokens(self, x, t, s, y, keep=None):
+    def trunk_tokens(self, x, t, s, cond: Condition, keep=None):
         """The fused tokens the decoder sees (for the decoupling test)."""
-        trunk = self.encode(x, t, y, keep, s=None if self.config.decoupled else s)
+        trunk = self.encode(x, t, cond, keep, s=None if self.config.decoupled else s)
         return trunk["h"]
 
     # ---- internals ----
 
-    def _trunk(self, x, c, keep, weak, context, path_drop):
+    def _condition(self, cond: Condition):
+        """(adaLN vector [B, W], text (tokens [B, L, W], lengths [B]) or None) of the condition."""
+        cfg = self.config
+        if (cond.label is None) != (self.y_embed is None) or (cond.text is None) != (self.text_embed is None):
+            raise ValueError(
+                f"the model takes {'class labels' if self.y_embed else 'no labels'} and "
+                f"{'text' if self.text_embed else 'no text'} (model.num_classes={cfg.num_classes}, "
+                f"model.context_dim={cfg.context_dim}), but the condition has "
+                f"{'labels' if cond.label is not None else 'no labels'} and "
+                f"{'text' if cond.text is not None else 'no text'}.")
+        vec, text = 0.0, None
+        if self.y_embed is not None:
+            vec = self.y_embed(cond.labels(cfg.num_classes))
+        if self.text_embed is not None:
+            pooled, text = self.text_embed(cond.text, cond.text_mask, cond.null)
+            vec = vec + pooled
+        return vec, text
+
+    def _trunk(self, x, c, keep, weak, text, path_drop):
         dtype = jnp.dtype(self.config.dtype)
         h = self.patch_embed(tokens.patchify(x.astype(dtype), self.layout))
         dense = self._context(None, h.dtype)
-        h_enc = self.encoder(h, c, dense, context)
+        h_enc = self.encoder(h, c, dense, text)
         mu = jnp.broadcast_to(self.mask_token.astype(h.dtype), h.shape)
         if weak == "drop_middle":
             restored = mu
         elif weak == "skip_half":  # Dense, like the other weak path.
-            restored = self.middle(h_enc, c, dense, context, only=half_of(self.middle.depth))
+            restored = self.middle(h_enc, c, dense, text, only=half_of(self.middle.depth))
         elif keep is None:
-            restored = self.middle(h_enc, c, dense, context)
+            restored = self.middle(h_enc, c, dense, text)
         else:
-            mid = self.middle(tokens.gather_tokens(h_enc, keep), c, self._context(keep, h.dtype), context)
+            mid = self.middle(tokens.gather_tokens(h_enc, keep), c, self._context(keep, h.dtype), text)
             restored = tokens.scatter_tokens(mu, mid, keep)
         if path_drop is not None:
             restored = jnp.where(path_drop[:, None, None], mu, restored)
@@ -217,17 +250,17 @@ def make_network(cfg: ml_collections.ConfigDict) -> tuple[EFlowDiT, Network]:
     # application was most of the step's tracing time. XLA inlines the calls, so the compiled
     # program is the same.
     @functools.partial(jax.jit, static_argnums=5)
-    def encode(params, x, t, y, keep, weak):
-        return model.apply({"params": params}, x, t, y, keep, weak, method=EFlowDiT.encode)
+    def encode(params, x, t, cond, keep, weak):
+        return model.apply({"params": params}, x, t, cond, keep, weak, method=EFlowDiT.encode)
 
     @jax.jit
-    def decode(params, trunk, t, s, y):
-        return model.apply({"params": params}, trunk, t, s, y, method=EFlowDiT.decode)
+    def decode(params, trunk, t, s):
+        return model.apply({"params": params}, trunk, t, s, method=EFlowDiT.decode)
 
     def sample_keep(rng, batch):
         return tokens.sample_keep(rng, batch, layout, cfg.structured_drop) if drops else None
 
-    return model, Network(encode, decode, sample_keep, null_label=cfg.num_classes, decoupled=cfg.decoupled)
+    return model, Network(encode, decode, sample_keep, decoupled=cfg.decoupled)
 
 
 def init_params(model: EFlowDiT, rng: jax.Array, batch: int = 1):
@@ -235,10 +268,16 @@ def init_params(model: EFlowDiT, rng: jax.Array, batch: int = 1):
     t, h, w, c = model.config.video_shape
     x = jnp.zeros((batch, t, h, w, c), jnp.float32)
     z = jnp.zeros((batch,), jnp.float32)
-    context = None
-    if model.config.context_dim:
-        context = jnp.zeros((batch, 8, model.config.context_dim), jnp.float32)
-    return model.init(rng, x, z, z, jnp.zeros((batch,), jnp.int32), context=context)["params"]
+    return model.init(rng, x, z, z, dummy_condition(model.config, batch))["params"]
+
+
+def dummy_condition(cfg: ml_collections.ConfigDict, batch: int) -> Condition:
+    """A condition of the kind (and shapes) the model config takes, for init and shape checks."""
+    label = jnp.zeros((batch,), jnp.int32) if cfg.num_classes else None
+    if not cfg.context_dim:
+        return Condition(jnp.zeros((batch,), bool), label=label)
+    mask = jnp.ones((batch, cfg.context_len), bool)
+    return Condition.of_text(jnp.zeros((batch, cfg.context_len, cfg.context_dim), jnp.float32), mask, label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +304,12 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
     patch_dim = math.prod(cfg.patch) * cfg.video_shape[-1]
     hidden = swiglu_hidden(width, cfg.mlp_ratio)
 
+    text_len = cfg.context_len if cfg.context_dim else 0
+
+    def cross(tokens_in: int) -> float:
+        """Cross-attention of a block to the (padded) text: q, kv and out projections, attention."""
+        return 2 * tokens_in * width * 2 * width + 2 * text_len * width * 2 * width + 4 * tokens_in * text_len * width
+
     def block(tokens_in: int, per_tile: int, per_cell: int) -> float:
         """per_tile / per_cell 0: ragged tiles (masked attention over all present tokens) / cells
         pooled by a one-hot matmul; else reshapes (GLGA._local, GLGA._global)."""
@@ -289,6 +334,8 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
     keep = layout.num_keep
     kept_tile = layout.tile_size * layout.keep_per_group // layout.group_size
     embed = 2 * n * patch_dim * width + 4 * 2 * (256 * width + width * width)
+    if text_len:  # The text projection (two layers) and the pooled adaLN vector.
+        embed += 2 * text_len * (cfg.context_dim * width + width * width) + 2 * width * width
     fuse = 2 * n * 2 * width * width
     final = 2 * n * width * patch_dim + 2 * width * 2 * width
     contiguous = layout.cells_contiguous()
@@ -297,8 +344,11 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
         dropped_block = block(keep, kept_tile, keep // layout.num_cells if contiguous else 0)
     else:  # Ragged tiles and cells: masked n_keep^2 local attention, one-hot pooling (GLGA).
         dropped_block = block(keep, 0, 0)
-    enc, dec = n_enc * dense_block, n_dec * dense_block + final
-    mid_dense, mid_dropped = n_mid * dense_block, n_mid * dropped_block
+    # Text cross-attention: trunk blocks (encoder, middle), and the decoder's with joint conditioning.
+    cross_dense, cross_dropped = (cross(n), cross(keep)) if text_len else (0.0, 0.0)
+    dec_cross = 0.0 if cfg.decoupled else cross_dense
+    enc, dec = n_enc * (dense_block + cross_dense), n_dec * (dense_block + dec_cross) + final
+    mid_dense, mid_dropped = n_mid * (dense_block + cross_dense), n_mid * (dropped_block + cross_dropped)
     return FlopCount(
         full=embed + enc + mid_dense + fuse + dec,
         dropped=embed + enc + mid_dropped + fuse + dec,
@@ -306,5 +356,5 @@ def count_flops(cfg: ml_collections.ConfigDict) -> FlopCount:
         decoder=dec,
         middle_dense=mid_dense,
         middle_dropped=mid_dropped,
-        weak_half=embed + enc + len(half_of(n_mid)) * dense_block + fuse + dec,
+        weak_half=embed + enc + len(half_of(n_mid)) * (dense_block + cross_dense) + fuse + dec,
     )

@@ -1,4 +1,4 @@
-"""Embeddings: timestep (t and t - s), class label with a null class, and 3D RoPE."""
+"""Embeddings: timestep (t and t - s), class label with a null class, text with a null token, and 3D RoPE."""
 
 from __future__ import annotations
 
@@ -45,6 +45,37 @@ class LabelEmbed(nn.Module):
             (self.num_classes + 1, self.width),
         )
         return jnp.take(table, y, axis=0)
+
+
+class TextEmbed(nn.Module):
+    """Text-encoder states [B, L, Dc] -> tokens [B, L, W] for cross-attention and a pooled adaLN vector.
+
+    The null condition (condition drop, CFG, the weak reference) is one learned token in the text
+    encoder's space, at position 0 with every other position masked: `null` samples see it instead
+    of their caption. Masks are prefixes (the tokenizer pads at the end), so attention takes
+    per-sample lengths, which every attention kernel (cuDNN included) supports.
+    """
+
+    width: int
+    context_dim: int
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, text_bld: jax.Array, mask_bl: jax.Array, null_b: jax.Array):
+        """Returns (pooled [B, W] float32, (tokens [B, L, W] in dtype, lengths int32 [B]))."""
+        null_token = self.param("null_text", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("context",)),
+                                (self.context_dim,))
+        first = jnp.arange(text_bld.shape[1]) == 0
+        null_text = jnp.where(first[:, None], null_token, 0.0)[None]  # [1, L, Dc]
+        text = jnp.where(null_b[:, None, None], null_text, text_bld.astype(jnp.float32))
+        mask = jnp.where(null_b[:, None], first[None], mask_bl.astype(bool))
+        h = Dense(self.width, ("context", "embed"), dtype=self.dtype, name="proj1")(text)
+        tokens = Dense(self.width, ("embed", "embed_out"), dtype=self.dtype, name="proj2")(nn.gelu(h))
+        weights = mask.astype(jnp.float32)[:, :, None]
+        mean = jnp.sum(tokens.astype(jnp.float32) * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+        pooled = Dense(self.width, ("embed", "embed_out"), dtype=jnp.float32, name="pool")(mean)
+        lengths = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(jnp.int32)
+        return pooled, (tokens, lengths)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:

@@ -143,7 +143,7 @@ def _masked_impl(implementation: str) -> str:
 
 
 class CrossAttention(nn.Module):
-    """Queries from video tokens, keys/values from a text context [B, L, Dc] (text-to-video seam)."""
+    """Queries from video tokens (the kept ones, under token drop), keys/values from the text tokens."""
 
     width: int
     heads: int
@@ -151,20 +151,26 @@ class CrossAttention(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, u_bnd: jax.Array, context_bld: jax.Array) -> jax.Array:
+    def __call__(self, u_bnd: jax.Array, text) -> jax.Array:
+        """text: (tokens [B, L, W], lengths int32 [B]): the first `length` tokens are attended to."""
+        tokens_blw, lengths = text
         head_dim = self.width // self.heads
         q = Dense((self.heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name="q")(u_bnd)
-        kv = Dense((2, self.heads, head_dim), ("context", None, "heads", "kv"), dtype=self.dtype,
-                   name="kv")(context_bld)
+        kv = Dense((2, self.heads, head_dim), ("embed", None, "heads", "kv"), dtype=self.dtype,
+                   name="kv")(tokens_blw)
         q = RMSNorm(axis_name="kv", name="q_norm")(q)
         k = RMSNorm(axis_name="kv", name="k_norm")(kv[:, :, 0])
-        out = attend(q, k, kv[:, :, 1], implementation=self.implementation)
+        out = attend(q, k, kv[:, :, 1], implementation=self.implementation, kv_lengths=lengths)
         return Dense(self.width, ("heads", "kv", "embed"), axis=(-2, -1), dtype=self.dtype, zero_init=True,
                      name="out")(out)
 
 
 class Block(nn.Module):
-    """adaLN-Zero block: x += a1 * GLGA(mod(norm(x))); [x += CrossAttn]; x += a2 * SwiGLU(mod(norm(x)))."""
+    """adaLN-Zero block: x += a1 * GLGA(mod(norm(x))); [x += CrossAttn(norm(x), text)]; x += a2 * SwiGLU(mod(norm(x))).
+
+    cross: the block cross-attends to the text (the cross-attention starts as the identity: its
+    output projection is zero-initialised).
+    """
 
     width: int
     heads: int
@@ -174,17 +180,20 @@ class Block(nn.Module):
     gate: str = "sigmoid"
     implementation: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x, c_bd, ctx: TokenContext, context=None):
+    def __call__(self, x, c_bd, ctx: TokenContext, text=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = AdaLN(self.width, 6, self.dtype, name="adaln")(c_bd)
         u = modulate(RMSNorm(use_scale=False)(x), shift1, scale1)
         x = x + gate1[:, None] * GLGA(self.width, self.heads, self.mode, self.global_kind, self.gate,
                                       self.implementation, self.dtype, name="attn")(u, ctx)
-        if context is not None:
+        if self.cross:
+            if text is None:
+                raise ValueError("this block cross-attends to text, but the pass has none.")
             u = RMSNorm(name="cross_norm")(x)
             x = x + CrossAttention(self.width, self.heads, self.implementation, self.dtype,
-                                   name="cross")(u, context)
+                                   name="cross")(u, text)
         u = modulate(RMSNorm(use_scale=False)(x), shift2, scale2)
         return x + gate2[:, None] * SwiGLU(self.width, self.mlp_ratio, self.dtype, name="mlp")(u)
 
@@ -193,8 +202,8 @@ class _ScannedBlock(Block):
     """Block with the (carry, output) signature that nn.scan expects."""
 
     @nn.compact
-    def __call__(self, x, c_bd, ctx, context=None):  # noqa: D102
-        return super().__call__(x, c_bd, ctx, context), None
+    def __call__(self, x, c_bd, ctx, text=None):  # noqa: D102
+        return super().__call__(x, c_bd, ctx, text), None
 
 
 REMAT_POLICIES = {
@@ -213,14 +222,14 @@ class Stack(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, x, c_bd, ctx: TokenContext, context=None, only: tuple[int, ...] | None = None):
+    def __call__(self, x, c_bd, ctx: TokenContext, text=None, only: tuple[int, ...] | None = None):
         """Runs the blocks in order; `only` (block indices) runs just those (STG-style weak path)."""
         if self.depth == 0:
             return x
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
         if only is not None and self.scan:
-            return self._scan_subset(x, c_bd, ctx, context, only)
+            return self._scan_subset(x, c_bd, ctx, text, only)
         cls = _ScannedBlock if self.scan else Block
         if self.remat != "none":
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -230,21 +239,21 @@ class Stack(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(**self.block, name="blocks")(x, c_bd, ctx, context)
+            x, _ = scanned(**self.block, name="blocks")(x, c_bd, ctx, text)
             return x
         for i in range(self.depth):
             if only is None or i in only:
-                x = cls(**self.block, name=f"block_{i}")(x, c_bd, ctx, context)
+                x = cls(**self.block, name=f"block_{i}")(x, c_bd, ctx, text)
         return x
 
-    def _scan_subset(self, x, c_bd, ctx, context, only):
+    def _scan_subset(self, x, c_bd, ctx, text, only):
         # The scanned params are stacked [depth, ...]: scan one Block over the picked slices
         # (never called at init, so the params exist).
         picked = jax.tree.map(lambda a: a[jnp.asarray(only)], self.variables["params"]["blocks"])
         block = Block(**self.block)
 
         def body(h, p):
-            return block.apply({"params": p}, h, c_bd, ctx, context), None
+            return block.apply({"params": p}, h, c_bd, ctx, text), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])

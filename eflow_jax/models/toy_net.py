@@ -5,7 +5,8 @@ Layout (mirrors docs/METHOD.md section 4.1 on vectors instead of tokens):
     middle blocks (c_trunk), or the frozen vector mu on the weak path
     fuse = Linear([middle ; h_enc]) -> decoder blocks (c_dec) -> zero-init out-projection -> F
 Decoupled conditioning: c_trunk = e_t(t) + e_y(y), c_dec = e_t(t) + e_dt(t - s) + e_y(y), so
-`encode` (trunk) never sees s. Joint conditioning: every block sees e_t + e_dt + e_y; then
+`encode` (trunk) never sees s; the trunk carries y to the decoder. The condition's labels are read
+with the null row for null samples (flow/condition.py). Joint conditioning: every block sees e_t + e_dt + e_y; then
 `encode` only packs its inputs and `decode` runs the whole network.
 There are no tokens, so `sample_keep` returns None and `keep` is ignored.
 """
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from eflow_jax.flow.condition import Condition
 from eflow_jax.flow.network import Network
 
 
@@ -27,9 +29,17 @@ class JointTrunk:
 
     x: jax.Array
     t: jax.Array
-    y: jax.Array
+    y: jax.Array  # labels as the label table sees them (null samples: the null row)
     keep: object = None
     weak: bool = struct.field(pytree_node=False, default=False)
+
+
+@struct.dataclass
+class DecoupledTrunk:
+    """The fused trunk and the labels the decoder's conditioning needs."""
+
+    h: jax.Array
+    y: jax.Array
 
 
 def time_features(t: jax.Array, dim: int, scale: float = 1.0, max_period: float = 1e4) -> jax.Array:
@@ -109,41 +119,41 @@ class ToyMLP(nn.Module):
                 mid = block(mid, c)
         return self.fuse(jnp.concatenate([mid, h], axis=-1))
 
-    def encode(self, x, t, y, keep=None, weak: bool = False):
+    def encode(self, x, t, cond: Condition, keep=None, weak: bool = False):
+        y = cond.labels(self.num_classes)  # The last row of the label table is the null label.
         if self.decoupled:
-            return self._trunk(x, t, y, weak)
+            return DecoupledTrunk(self._trunk(x, t, y, weak), y)
         return JointTrunk(x, t, y, keep, weak)
 
-    def decode(self, trunk, t, s, y) -> jax.Array:
+    def decode(self, trunk, t, s) -> jax.Array:
         if self.decoupled:
-            h = trunk
+            h = trunk.h
         else:
             h = self._trunk(trunk.x, trunk.t, trunk.y, trunk.weak, dt=t - s)
-        c = self.embed_t(t) + self.embed_dt(t - s) + self.embed_y(y)
+        c = self.embed_t(t) + self.embed_dt(t - s) + self.embed_y(trunk.y)
         for block in self.decoder:
             h = block(h, c)
         return self.proj_out(self.norm_out(h))
 
-    def __call__(self, x, t, s, y):
+    def __call__(self, x, t, s, cond: Condition):
         """Full forward, also used to create every parameter at init."""
-        return self.decode(self.encode(x, t, y), t, s, y)
+        return self.decode(self.encode(x, t, cond), t, s)
 
 
 def make_toy_network(module: ToyMLP) -> Network:
     """Wrap a ToyMLP as the objectives' `Network` (params = the flax variables dict)."""
 
-    def encode(params, x, t, y, keep, weak):
-        return module.apply(params, x, t, y, keep, weak, method=ToyMLP.encode)
+    def encode(params, x, t, cond, keep, weak):
+        return module.apply(params, x, t, cond, keep, weak, method=ToyMLP.encode)
 
-    def decode(params, trunk, t, s, y):
-        return module.apply(params, trunk, t, s, y, method=ToyMLP.decode)
+    def decode(params, trunk, t, s):
+        return module.apply(params, trunk, t, s, method=ToyMLP.decode)
 
-    return Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None,
-                   null_label=module.num_classes, decoupled=module.decoupled)
+    return Network(encode=encode, decode=decode, sample_keep=lambda rng, n: None, decoupled=module.decoupled)
 
 
 def init_toy_params(module: ToyMLP, rng: jax.Array, dtype=jnp.float32):
     """Initial variables for `module` (built on a batch of 2)."""
     x = jnp.zeros((2, module.data_dim), dtype)
     t = jnp.ones((2,), jnp.float32)
-    return jax.jit(module.init)(rng, x, t, 0.5 * t, jnp.zeros((2,), jnp.int32))
+    return jax.jit(module.init)(rng, x, t, 0.5 * t, Condition.of_labels(jnp.zeros((2,), jnp.int32)))
