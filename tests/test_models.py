@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eflow_jax.flow.condition import Condition
 from eflow_jax.models import attention, dit, tokens
 from eflow_jax.models.embed import rope_angles
 from eflow_jax.models.glga import GLGA, TokenContext
@@ -34,7 +35,7 @@ def inputs(batch=2, shape=(4, 16, 16, 3), seed=3):
     x = jax.random.normal(ks[0], (batch, *shape))
     t = jax.random.uniform(ks[1], (batch,), minval=0.2, maxval=1.0)
     s = t * jax.random.uniform(ks[2], (batch,))
-    y = jax.random.randint(ks[3], (batch,), 0, 6)
+    y = Condition.of_labels(jax.random.randint(ks[3], (batch,), 0, 6))
     return x, t, s, y
 
 
@@ -163,7 +164,7 @@ def test_weak_path_is_middle_replaced_by_mask_token(tiny):
     weak = net.weak(params, x, t, y)
     drop_all = model.apply({"params": params}, model.apply(
         {"params": params}, x, t, y, path_drop=jnp.ones((2,), bool), method=dit.EFlowDiT.encode),
-        t, t, y, method=dit.EFlowDiT.decode)
+        t, t, method=dit.EFlowDiT.decode)
     # net.weak is one jitted program, the reference runs op by op: equal up to float rounding.
     np.testing.assert_allclose(weak, drop_all, rtol=1e-5, atol=1e-6)
     full = net(params, x, t, t, y)
@@ -227,7 +228,7 @@ def test_flop_counter_matches_xla(mode, keep):
                            cell=(1, 4, 4), dtype="float32", attention_impl="xla", mode=mode)
     model, net = dit.make_network(cfg)
     params = jax.eval_shape(lambda: nn.meta.unbox(dit.init_params(model, jax.random.key(0))))
-    x, t, s, y = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(1, (4, 32, 32, 3)))
+    x, t, s, y = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs(1, (4, 32, 32, 3)))
     k = jax.ShapeDtypeStruct((1, 4 * 16 * 16 // 4), jnp.int32) if keep else None
     compiled = jax.jit(net.__call__).lower(params, x, t, s, y, k).compile()
     xla = compiled.cost_analysis()
@@ -247,11 +248,12 @@ def test_tiny_dit_dropped_weak_decoder_flops_match_xla(mode):
     cfg = tiny_cfg(mode=mode)
     model, net = dit.make_network(cfg)
     params = jax.eval_shape(lambda: nn.meta.unbox(dit.init_params(model, jax.random.key(0))))
-    x, t, s, y = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs(1))
+    x, t, s, y = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs(1))
     layout = dit.layout_of(cfg)
     keep = jax.ShapeDtypeStruct((1, layout.num_keep), jnp.int32)
-    trunk = {"h": jax.ShapeDtypeStruct((1, layout.num_tokens, dit.VARIANTS["tiny"][0]), jnp.float32),
-             "context": None}
+    width = dit.VARIANTS["tiny"][0]
+    trunk = {"h": jax.ShapeDtypeStruct((1, layout.num_tokens, width), jnp.float32),
+             "cond": jax.ShapeDtypeStruct((1, width), jnp.float32), "text": None}
 
     def counted(fn, *args):
         cost = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -261,7 +263,7 @@ def test_tiny_dit_dropped_weak_decoder_flops_match_xla(mode):
     xla = dict(full=counted(net.__call__, params, x, t, s, y, None),
                dropped=counted(net.__call__, params, x, t, s, y, keep),
                weak=counted(net.weak, params, x, t, y),
-               decoder=counted(net.decode, params, trunk, t, s, y))
+               decoder=counted(net.decode, params, trunk, t, s))
     for kind, flops in xla.items():
         assert abs(flops / getattr(ours, kind) - 1) < 0.10, (kind, flops, getattr(ours, kind))
     assert xla["decoder"] < xla["weak"] < xla["dropped"] < 0.8 * xla["full"]
@@ -333,13 +335,13 @@ def test_each_distinct_network_call_is_traced_once(tiny, monkeypatch):
     def signature(args):
         return tuple((a.shape, a.dtype, jax.typeof(a).weak_type) for a in jax.tree.leaves(args))
 
-    def encode(p, x, t, y, keep, weak):
-        calls["encode"].append((signature((x, t, y, keep)), weak))
-        return net.encode(p, x, t, y, keep, weak)
+    def encode(p, x, t, cond, keep, weak):
+        calls["encode"].append((signature((x, t, cond, keep)), weak))
+        return net.encode(p, x, t, cond, keep, weak)
 
-    def decode(p, trunk, t, s, y):
-        calls["decode"].append(signature((trunk, t, s, y)))
-        return net.decode(p, trunk, t, s, y)
+    def decode(p, trunk, t, s):
+        calls["decode"].append(signature((trunk, t, s)))
+        return net.decode(p, trunk, t, s)
 
     counted = dataclasses.replace(net, encode=encode, decode=decode)
     loss_fn = objectives.make_loss(objectives.default_objective_config("eflow"), counted, 100)
