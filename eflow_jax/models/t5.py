@@ -172,6 +172,8 @@ class SelfAttention(nn.Module):
             return Dense((self.num_heads, self.d_kv), ("embed", "heads", "kv"), dtype=self.dtype,
                          use_bias=False, name=name)(x_bld)
 
+        # Plain XLA attention, not models.attention.attend: T5 needs an additive per-head bias and
+        # unscaled logits, and this encoder runs offline on short sequences (embed_text).
         q_bqhd, k_bkhd, v_bkhd = proj("q"), proj("k"), proj("v")
         # No 1/sqrt(d_kv): T5 folds it into q's initialisation, the checkpoints expect raw q.k.
         logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bqhd, k_bkhd, preferred_element_type=jnp.float32)
@@ -463,6 +465,7 @@ class TextEncoder:
         """Embeddings [N, max_len, d_model] (dtype, zero at padding) and the mask bool [N, max_len]."""
         n, b = len(tokens.ids), self.batch_size
         out = np.zeros((n, self.max_len, self.d_model), jnp.dtype(self.dtype))
+        pending = None  # The previous batch is copied out while this one runs (dispatch is asynchronous).
         for start in range(0, n, b):
             ids, mask = tokens.ids[start : start + b], tokens.mask[start : start + b]
             if len(ids) < b:  # Pad to the compiled shape with EOS-only rows.
@@ -470,7 +473,12 @@ class TextEncoder:
                 ids = np.concatenate([ids, np.full((fill, self.max_len), self.tokenizer.pad_id, np.int32)])
                 mask = np.concatenate([mask, np.zeros((fill, self.max_len), bool)])
                 ids[-fill:, 0], mask[-fill:, 0] = self.tokenizer.eos_id, True
-            out[start : start + b] = np.asarray(self._encode(self.params, ids, mask))[: n - start]
+            result = self._encode(self.params, ids, mask)
+            if pending is not None:
+                out[pending[0] : pending[0] + b] = np.asarray(pending[1])
+            pending = (start, result)
+        if pending is not None:
+            out[pending[0] :] = np.asarray(pending[1])[: n - pending[0]]
         return out, tokens.mask.copy()
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
