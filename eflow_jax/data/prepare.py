@@ -4,13 +4,14 @@ r"""Videos -> random-access ArrayRecord clips, once, before training.
       --out=/data/k700_17x128 --frames=17 --fps=8 --size=128 --workers=32
 
 Layouts: with --annotations, a Kinetics CSV (label, youtube_id, time_start, time_end, split) whose
-clips are files named {youtube_id}_{start:06d}_{end:06d}.<ext> anywhere under --src; without it,
---src/<class>/<video>. Each video is decoded once (PyAV), resampled to --fps, short-side resized and
-center cropped to --size, cut into --clips_per_video clips of --frames frames, and stored with JPEG
-frames (docs/DATA.md has the measurements behind the choice). Output: shards, labels.json,
+clips are files named {youtube_id}_{start:06d}_{end:06d}.<ext> anywhere under --src, or captions
+(WebVid / MSR-VTT style: a CSV with a video and a caption column, or JSON lines {"video", "caption"});
+without it, --src/<class>/<video>. Each video is decoded once (PyAV), resampled to --fps, short-side
+resized and center cropped to --size, cut into --clips_per_video clips of --frames frames, and stored
+with JPEG frames (docs/DATA.md has the measurements behind the choice). Output: shards, labels.json,
 manifest.json (counts, classes, shape, source hash, skipped files with reasons). Rerunning resumes:
 finished shards (written to a temp name, renamed, then marked done by a report file) are kept. Bad
-videos are skipped and listed, never fatal.
+videos and bad captions are skipped and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from array_record.python import array_record_module
 
 from eflow_jax.data import video_io
 from eflow_jax.data.prepare_inputs import (  # noqa: F401 (VIDEO_EXTENSIONS, VideoItem: part of this API)
+    MAX_LISTED_DUPLICATES,
     VIDEO_EXTENSIONS,
     VideoItem,
     broken_link_reason,
+    caption_problem,
     check_numeric_args,
     file_size,
     list_videos,
@@ -68,7 +71,10 @@ def source_hash(
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(settings), list(classes)]).encode())
     for item in items:
         size = file_size(item.path)
-        digest.update(f"{item.name}\t{size}\t{item.label}\n".encode())
+        line = f"{item.name}\t{size}\t{item.label}"
+        if item.caption is not None:  # Label datasets hash as they always did (resumable across versions).
+            line += f"\t{item.caption!r}"
+        digest.update((line + "\n").encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
 
@@ -95,6 +101,8 @@ def prepare_video(item: VideoItem, settings: PrepareSettings) -> tuple[list[byte
     def skip(category: str, reason: str):
         return [], {"file": item.name, "category": category, "reason": reason}
 
+    if item.caption is not None and caption_problem(item.caption):
+        return skip(*caption_problem(item.caption))
     if item.path is None:
         return skip("missing", "listed in the annotations, not found under --src")
     broken = broken_link_reason(item.path)
@@ -122,6 +130,8 @@ def prepare_video(item: VideoItem, settings: PrepareSettings) -> tuple[list[byte
             "clip_start": start,
             "source_frame_indices": indices[start : start + settings.frames].tolist(),
         }
+        if item.caption is not None:
+            meta["caption"] = item.caption.strip()
         records.append(
             encode_clip(frames[start : start + settings.frames], settings=settings, meta=meta)
         )
@@ -312,7 +322,8 @@ def prepare_dataset(
     Args:
         src: video directory.
         out: output directory (created).
-        annotations: a Kinetics CSV, or None for the src/<class>/<video> layout.
+        annotations: a Kinetics CSV, caption annotations (CSV or JSON lines), or None for the
+          src/<class>/<video> layout.
         settings: clip shape, fps, codec.
         workers: processes decoding videos (1: in this process).
         videos_per_shard: videos per shard: the unit of parallel work and of resumption.
@@ -334,8 +345,13 @@ def prepare_dataset(
         for i, name in enumerate(names)
         if reports[name] is None
     ]
+    if videos.duplicates:
+        log(f"[prepare] warning: {len(videos.duplicates)} rows of {annotations} list a video again; kept the "
+            f"first row of each (e.g. {videos.duplicates[0]})")
     log(
-        f"[prepare] {len(items)} videos, {len(classes)} classes, {num_shards} shards "
+        f"[prepare] {len(items)} videos, "
+        + ("captioned" if videos.captioned else f"{len(classes)} classes")
+        + f", {num_shards} shards "
         f"({num_shards - len(todo)} already done), {workers} worker(s)"
         + (f"; ignored {sum(videos.ignored.values())} files that are not videos "
            f"({', '.join(VIDEO_EXTENSIONS)}): {videos.ignored}" if videos.ignored else "")
@@ -353,13 +369,21 @@ def prepare_dataset(
         num_videos_used=len(items) - num_skipped,
         ignored_files=videos.ignored,
         source={"src": os.path.abspath(src), "annotations": annotations, "hash": fingerprint},
+        **(_caption_fields(videos) if videos.captioned else {}),
     )
     log(
         f"[prepare] done: {manifest['num_examples']} clips from {manifest['num_videos_used']} "
         f"videos; skipped {num_skipped} {manifest['skipped_by_category'] or ''} "
-        f"(listed in {out}/manifest.json)"
+        + (f"; {len(videos.duplicates)} duplicate annotation rows dropped " if videos.duplicates else "")
+        + f"(listed in {out}/manifest.json)"
     )
     return manifest
+
+
+def _caption_fields(videos) -> dict[str, Any]:
+    """Manifest fields of a captioned dataset: the flag readers check, and the dropped duplicate rows."""
+    return {"captioned": True, "num_duplicate_rows": len(videos.duplicates),
+            "duplicate_rows": videos.duplicates[:MAX_LISTED_DUPLICATES]}
 
 
 def write_clips(
@@ -370,15 +394,22 @@ def write_clips(
     classes: Sequence[str],
     examples_per_shard: int = 256,
 ) -> dict[str, Any]:
-    """Writes in-memory clips ({'video': uint8 [T,H,W,3], 'label': int}) as a prepared dataset.
+    """Writes in-memory clips ({'video': uint8 [T,H,W,3], 'label': int, optional 'caption': str}) as a
+    prepared dataset (captioned when the first example has a caption; then all must).
 
     For clips that exist as arrays already (synthetic data, benchmarks, tests); videos go through
     prepare_dataset. Reads back with sources.ArrayRecordClipSource.
     """
     os.makedirs(out, exist_ok=True)
     options = WRITER_OPTIONS["uncompressed" if settings.codec == "jpeg" else "zstd"]
-    shards, writer = [], None
+    shards, writer, captioned = [], None, None
     for i, example in enumerate(examples):
+        if captioned is None:
+            captioned = "caption" in example
+        if captioned and caption_problem(example.get("caption")):
+            raise ValueError(f"clip {i}: {caption_problem(example.get('caption'))[1]}")
+        if not captioned and "caption" in example:
+            raise ValueError(f"clip {i} has a caption but clip 0 has none: caption every clip or none")
         if writer is None or shards[-1]["num_examples"] == examples_per_shard:
             if writer is not None:
                 writer.close()
@@ -392,22 +423,21 @@ def write_clips(
                 f"clip {i} is {video.shape}, settings say "
                 f"{(settings.frames, settings.size, settings.size, 3)}"
             )
-        writer.write(
-            encode_clip(
-                video,
-                settings=settings,
-                meta={"label": int(example["label"]), "source": f"example-{i}"},
-            )
-        )
+        meta = {"label": int(example["label"]), "source": f"example-{i}"}
+        if captioned:
+            meta["caption"] = example["caption"].strip()
+        writer.write(encode_clip(video, settings=settings, meta=meta))
         shards[-1]["num_examples"] += 1
     if writer is not None:
         writer.close()
-    return _write_manifest(out, settings=settings, classes=classes, reports=shards)
+    return _write_manifest(out, settings=settings, classes=classes, reports=shards,
+                           **({"captioned": True} if captioned else {}))
 
 
 _FLAGS = [  # (flag, argparse keywords); the PrepareSettings fields are filled from the same names.
     ("--src", dict(required=True, help="Directory of videos.")),
-    ("--annotations", dict(help="Kinetics CSV; omit for the src/<class>/<video> layout.")),
+    ("--annotations", dict(help="Kinetics CSV, or captions (CSV with video + caption columns, or JSON "
+                                "lines); omit for the src/<class>/<video> layout.")),
     ("--out", dict(required=True, help="Output directory (rerun to resume).")),
     ("--frames", dict(type=int, default=17, help="Frames per clip.")),
     ("--fps", dict(type=float, default=8.0, help="Clip frame rate.")),

@@ -3,19 +3,31 @@
 Every check here runs before anything is written to --out, and each error names the flag or the
 file (with its line) to fix. Files that are not videos are counted and reported, never silently
 dropped; broken symlinks stay in the list and are skipped (and listed) like any bad video.
+
+Annotation files: a Kinetics CSV (labels), or captions (WebVid / MSR-VTT style) as a CSV with a
+video column and a caption column (found by header name) or as JSON lines. A caption is kept as
+read (undecodable bytes survive as surrogates) and judged per video by `caption_problem` when the
+video is prepared, so a bad caption skips its clip and is counted, never stops the run.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import json
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+# Caption annotations: the first header name (case-insensitive) found in each list is used.
+VIDEO_COLUMNS = ("video", "path", "video_path", "videoid", "video_id", "file", "filename")
+CAPTION_COLUMNS = ("caption", "text", "name", "title", "sentence")
+MAX_LISTED_DUPLICATES = 100  # The manifest lists this many duplicate rows; it counts them all.
 
 # flag -> (lowest allowed, highest allowed or None, whether the lowest is excluded)
 NUMERIC_LIMITS = {
@@ -35,13 +47,18 @@ class VideoItem:
     path: str | None  # None: listed in the annotations but not found under --src.
     name: str  # Path relative to --src (or the expected file name when missing).
     label: int
+    # Captioned datasets: the caption as read, "" when absent (JSON may give a non-string; caption_problem
+    # judges it when the video is prepared). None: a label dataset.
+    caption: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoList:
     items: list[VideoItem]  # Sorted by name.
-    classes: list[str]  # Sorted; an item's label indexes this list.
+    classes: list[str]  # Sorted; an item's label indexes this list. Empty for captioned datasets.
     ignored: dict[str, int]  # Files under --src that are not videos, counted by extension.
+    captioned: bool = False
+    duplicates: list[str] = dataclasses.field(default_factory=list)  # 'file:line: video' of rows dropped.
 
 
 def check_numeric_args(values: dict[str, Any]) -> None:
@@ -147,10 +164,120 @@ def list_class_folder_videos(src: str) -> VideoList:
     return VideoList(items, classes, {k: v for k, v in ignored.items() if v})
 
 
+def caption_problem(caption: Any) -> tuple[str, str] | None:
+    """(skip category, reason) for a caption that cannot be stored, else None."""
+    if caption is None:
+        return "caption-empty", "no caption"
+    if not isinstance(caption, str):
+        return "caption-not-text", f"caption is a {type(caption).__name__}, not text: {caption!r:.100}"
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = caption.encode("utf-8", "surrogateescape" if _escapable(caption) else "backslashreplace")
+        return "caption-not-utf8", f"caption is not valid UTF-8: {shown[:200]!r}"
+    if not caption.strip():
+        return "caption-empty", "caption is empty or whitespace only"
+    return None
+
+
+def _escapable(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _pick_column(fields: Sequence[str], wanted: Sequence[str]) -> str | None:
+    by_name = {f.strip().lower(): f for f in fields}
+    return next((by_name[w] for w in wanted if w in by_name), None)
+
+
+def _read_caption_rows(annotations: str) -> list[tuple[int, str, Any]]:
+    """(line, video, caption) from a caption CSV or JSON lines file. Undecodable bytes are kept as
+    surrogates (the caption is judged later); a row without a video is an error naming its line."""
+    with open(annotations, "rb") as f:
+        text = f.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    rows = []
+    if _is_json_lines(annotations, text):
+        for line, raw in enumerate(text.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{annotations}:{line}: not a JSON object ({e.msg}); fix or delete that "
+                                 f"line (one {{\"video\": ..., \"caption\": ...}} per line).") from None
+            video_key = _pick_column(list(row), VIDEO_COLUMNS) if isinstance(row, dict) else None
+            if video_key is None or row[video_key] in (None, ""):
+                raise ValueError(f"{annotations}:{line}: no video (keys {list(VIDEO_COLUMNS)}); fix or delete "
+                                 "that line.")
+            caption_key = _pick_column(list(row), CAPTION_COLUMNS)
+            rows.append((line, str(row[video_key]), row.get(caption_key) if caption_key else None))
+        return rows
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    video_col = _pick_column(reader.fieldnames or [], VIDEO_COLUMNS)
+    caption_col = _pick_column(reader.fieldnames or [], CAPTION_COLUMNS)
+    if video_col is None or caption_col is None:
+        raise ValueError(f"{annotations}: header {reader.fieldnames} has neither the Kinetics columns "
+                         f"{list(KINETICS_COLUMNS)} nor a video column (one of {list(VIDEO_COLUMNS)}) and a "
+                         f"caption column (one of {list(CAPTION_COLUMNS)})")
+    for row in reader:
+        video = (row.get(video_col) or "").strip()
+        if not video:
+            raise ValueError(f"{annotations}:{reader.line_num}: empty or missing {video_col!r}; fix or delete "
+                             "that line.")
+        rows.append((reader.line_num, video, row.get(caption_col)))
+    return rows
+
+
+def _is_json_lines(annotations: str, text: str) -> bool:
+    if annotations.lower().endswith((".jsonl", ".json", ".ndjson")):
+        return True
+    return text.lstrip().startswith("{")
+
+
+def _is_kinetics_csv(annotations: str) -> bool:
+    with open(annotations, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return all(c in header for c in KINETICS_COLUMNS)
+
+
+def list_caption_videos(src: str, annotations: str) -> VideoList:
+    """Reads caption annotations (CSV or JSON lines, see the module docstring).
+
+    A video is a path relative to --src, an absolute path, or a file stem (WebVid's 'videoid')
+    found anywhere under --src. A video listed again is dropped (its first row wins) and reported.
+    """
+    rows = _read_caption_rows(annotations)
+    index: dict[str, str] | None = None
+    ignored: Counter = Counter()
+    items, first_line, duplicates = [], {}, []
+    for line, video, caption in rows:
+        candidate = video if os.path.isabs(video) else os.path.join(src, video)
+        if os.path.lexists(candidate):
+            path = candidate
+        else:
+            if index is None:  # Only when a row is not a path: walking a large --src takes a while.
+                index, ignored = _index_videos(src)
+            path = index.get(os.path.splitext(os.path.basename(video))[0])
+        name = os.path.relpath(path, src) if path else video
+        if name.startswith(".." + os.sep):
+            name = os.path.abspath(path)
+        if name in first_line:
+            duplicates.append(f"{os.path.basename(annotations)}:{line}: {name} (first on line {first_line[name]})")
+            continue
+        first_line[name] = line
+        items.append(VideoItem(path, name, 0, "" if caption is None else caption))
+    return VideoList(sorted(items, key=lambda item: item.name), [], dict(ignored), captioned=True,
+                     duplicates=duplicates)
+
+
 def list_videos(src: str, annotations: str | None) -> VideoList:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src={src} is not a directory")
-    videos = list_kinetics_videos(src, annotations) if annotations else list_class_folder_videos(src)
+    if not annotations:
+        videos = list_class_folder_videos(src)
+    elif _is_kinetics_csv(annotations):
+        videos = list_kinetics_videos(src, annotations)
+    else:
+        videos = list_caption_videos(src, annotations)
     if not videos.items:
         raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found for --src={src} "
                          f"--annotations={annotations} (ignored files by extension: {videos.ignored})")

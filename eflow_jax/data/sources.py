@@ -1,12 +1,16 @@
 """Random-access data sources (grain's `__len__` + `__getitem__` protocol) and their record format.
 
 Sources, and what they return per index:
-  ArrayRecordClipSource  clips made by eflow_jax.data.prepare: {'video': uint8 [T,H,W,3], 'label'}
+  ArrayRecordClipSource  clips made by eflow_jax.data.prepare: {'video': uint8 [T,H,W,3], 'label',
+                         'caption' (str, captioned datasets only)}
   TfdsSource             a TFDS dataset in array_record format (Tensor features, no TF): same keys
   LatentSource           precomputed VAE latents (ArrayRecord / .npy): {'video': latents [T,h,w,c],
-                         'label', optional 'text_embedding', 'text_mask'}
+                         'label', optional 'text_embedding', 'text_mask', 'caption'}
   MovingShapesSource     synthetic, re-exported from synthetic.py
-Labels are int32 scalars.
+  TextEmbeddings         what `python -m eflow_jax.data.embed_text` writes: {'text_embedding' bf16
+                         [L, D], 'text_mask' bool [L]} per record index of a dataset
+Labels are int32 scalars. `text_dir=` on the clip and latent sources joins a TextEmbeddings dir
+into each example by index.
 
 Record format (one ArrayRecord record = one example), self-describing and pickle-free:
   b"EFV1" | uint32 little-endian header length | JSON header | payload bytes
@@ -16,6 +20,7 @@ The header holds `meta` (JSON values), `arrays` (name -> [dtype, shape, offset])
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +28,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_dtypes  # Also registers 'bfloat16' with numpy, so records can name it.
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
@@ -34,7 +40,9 @@ __all__ = [
     "CorruptRecordError",
     "LatentSource",
     "MovingShapesSource",
+    "TextEmbeddings",
     "TfdsSource",
+    "dataset_fingerprint",
     "load_manifest",
     "pack_record",
     "unpack_record",
@@ -43,6 +51,7 @@ __all__ = [
 
 RECORD_MAGIC = b"EFV1"
 MANIFEST_NAME = "manifest.json"
+TEXT_KIND = "text_embeddings"
 PREPARE_HINT = (
     "python -m eflow_jax.data.prepare --src=VIDEO_DIR [--annotations=train.csv] --out={path} "
     "--frames=17 --fps=8 --size=128"
@@ -66,7 +75,9 @@ def pack_record(
     payload, offset = [], 0
     for name, array in (arrays or {}).items():
         array = np.ascontiguousarray(array)
-        header["arrays"][name] = [array.dtype.str, list(array.shape), offset]
+        # ml_dtypes' types (bfloat16) have no numpy type string ('<V2'): store their name.
+        dtype = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
+        header["arrays"][name] = [dtype, list(array.shape), offset]
         payload.append(array.tobytes())
         offset += array.nbytes
     for name, items in (blobs or {}).items():
@@ -108,8 +119,21 @@ def unpack_record(data: bytes) -> dict[str, Any]:
     return out
 
 
-def decode_clip_record(data: bytes) -> dict[str, np.ndarray]:
-    """A prepared clip record -> {'video': uint8 [T, H, W, 3], 'label': int32 scalar}."""
+def record_meta(data: bytes) -> dict[str, Any]:
+    """Only the `meta` of a record: its header is parsed, its payload left alone."""
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != RECORD_MAGIC:
+        raise CorruptRecordError(f"not an eflow_jax record (magic {bytes(view[:4])!r})")
+    (header_len,) = struct.unpack("<I", view[4:8])
+    try:
+        return json.loads(bytes(view[8 : 8 + header_len]))["meta"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+        raise CorruptRecordError(f"unreadable record header: {e}") from e
+
+
+def decode_clip_record(data: bytes) -> dict[str, Any]:
+    """A prepared clip record -> {'video': uint8 [T, H, W, 3], 'label': int32 scalar} (+ 'caption': str
+    when the dataset is captioned)."""
     record = unpack_record(data)
     meta = record["meta"]
     try:
@@ -123,7 +147,10 @@ def decode_clip_record(data: bytes) -> dict[str, np.ndarray]:
         raise CorruptRecordError(
             f"clip decoded to {list(video.shape)}, header says {meta['shape']}"
         )
-    return {"video": video, "label": np.int32(meta["label"])}
+    example = {"video": video, "label": np.int32(meta["label"])}
+    if "caption" in meta:
+        example["caption"] = meta["caption"]
+    return example
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,15 +171,25 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
+def dataset_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """Identifies a prepared dataset's record order (shards, counts, source hash): what text
+    embeddings aligned by record index must have been computed for."""
+    key = {"num_examples": manifest.get("num_examples"), "shards": manifest.get("shards"),
+           "source_hash": (manifest.get("source") or {}).get("hash")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def _shard_paths(path: str, manifest: Mapping[str, Any]) -> list[str]:
     # "file[0:n]" tells array_record the record count, so opening the source touches no shard.
     return [f"{os.path.join(path, s['file'])}[0:{s['num_examples']}]" for s in manifest["shards"]]
 
 
 class _RecordSource:
-    """An ArrayRecord reader over a manifest's shards, with a corrupt-record policy."""
+    """An ArrayRecord reader over a manifest's shards, with a corrupt-record policy and an optional
+    join of text embeddings (a TextEmbeddings dir computed for this dataset) by record index."""
 
-    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip"):
+    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip",
+                 text_dir: str | os.PathLike | None = None):
         if on_corrupt not in ("skip", "fail"):
             raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
         self.path = os.fspath(path)
@@ -165,6 +202,7 @@ class _RecordSource:
                 f"dataset {self.path} is empty (0 examples); see 'skipped' in its manifest.json"
             )
         self._records = array_record_data_source.ArrayRecordDataSource(shards)
+        self.text = None if text_dir is None else TextEmbeddings.for_dataset(text_dir, self.path, self.manifest)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -177,7 +215,10 @@ class _RecordSource:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         try:
-            return self._decode(self._records[index])
+            example = self._decode(self._records[index])
+            if self.text is not None:
+                example.update(self.text[index])
+            return example
         except Exception as e:  # noqa: BLE001 - any reader/decoder failure is a corrupt record here.
             if self.on_corrupt == "fail":
                 raise CorruptRecordError(
@@ -199,10 +240,12 @@ class _RecordSource:
 
 
 class ArrayRecordClipSource(_RecordSource):
-    """Clips made by `python -m eflow_jax.data.prepare`: {'video': uint8 [T,H,W,3], 'label'}."""
+    """Clips made by `python -m eflow_jax.data.prepare`: {'video': uint8 [T,H,W,3], 'label'}, plus
+    'caption' for captioned datasets, plus 'text_embedding' and 'text_mask' with `text_dir`."""
 
-    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip"):
-        super().__init__(path, on_corrupt=on_corrupt)
+    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip",
+                 text_dir: str | os.PathLike | None = None):
+        super().__init__(path, on_corrupt=on_corrupt, text_dir=text_dir)
         if self.manifest.get("kind") != "clips":
             raise ValueError(
                 f"{self.path} holds {self.manifest.get('kind')!r} records, not prepared clips"
@@ -223,15 +266,18 @@ class LatentSource:
       ArrayRecord: manifest.json (kind 'latents') + shards written by `write_latents`.
       .npy: latents.npy [N, T, h, w, c] (+ labels.npy [N], text_embeddings.npy [N, L, D],
         text_masks.npy [N, L]), memory-mapped, so only the rows read are loaded.
+    `text_dir`: a TextEmbeddings dir whose 'text_embedding' / 'text_mask' replace stored ones.
     """
 
-    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip"):
+    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "skip",
+                 text_dir: str | os.PathLike | None = None):
         self.path = os.fspath(path)
         npy = os.path.join(self.path, "latents.npy")
         self._records = (
-            None if os.path.exists(npy) else _LatentRecords(self.path, on_corrupt=on_corrupt)
+            None if os.path.exists(npy) else _LatentRecords(self.path, on_corrupt=on_corrupt, text_dir=text_dir)
         )
         self._arrays: dict[str, np.ndarray] = {}
+        self.text = None if self._records is None else self._records.text
         if self._records is None:
             for key, name in [
                 ("video", "latents"),
@@ -249,6 +295,8 @@ class LatentSource:
                 )
             if not lengths["video"]:
                 raise ValueError(f"latent dataset {self.path} is empty (0 examples)")
+            if text_dir is not None:
+                self.text = TextEmbeddings.for_dataset(text_dir, self.path, {"num_examples": lengths["video"]})
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -264,6 +312,8 @@ class LatentSource:
             return self._records[index]
         example = {k: np.asarray(v[index]) for k, v in self._arrays.items()}
         example["label"] = np.int32(example.get("label", 0))
+        if self.text is not None:
+            example.update(self.text[index])
         return example
 
 
@@ -277,6 +327,8 @@ class _LatentRecords(_RecordSource):
         for key in ("text_embedding", "text_mask"):
             if key in record:
                 example[key] = np.array(record[key])
+        if "caption" in record["meta"]:
+            example["caption"] = record["meta"]["caption"]
         return example
 
 
@@ -291,7 +343,8 @@ def write_latents(
     Args:
         out_dir: output directory (created).
         examples: dicts with 'latent' [T, h, w, c] (any float dtype, kept as is), optional 'label'
-          (int), 'text_embedding' [L, D] and 'text_mask' [L].
+          (int), 'text_embedding' [L, D], 'text_mask' [L] and 'caption' (str; the manifest is then
+          marked captioned, for `python -m eflow_jax.data.embed_text`).
         examples_per_shard: records per shard file.
 
     Returns:
@@ -299,7 +352,7 @@ def write_latents(
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    shards, shape, writer, count = [], None, None, 0
+    shards, shape, writer, count, captioned = [], None, None, 0, False
     for example in examples:
         latent = np.asarray(example["latent"])
         if shape is None:
@@ -319,15 +372,81 @@ def write_latents(
         arrays.update(
             {k: np.asarray(example[k]) for k in ("text_embedding", "text_mask") if k in example}
         )
-        writer.write(pack_record(meta={"label": int(example.get("label", 0))}, arrays=arrays))
+        meta = {"label": int(example.get("label", 0))}
+        if "caption" in example:
+            meta["caption"], captioned = str(example["caption"]), True
+        writer.write(pack_record(meta=meta, arrays=arrays))
         shards[-1]["num_examples"] += 1
         count += 1
     if writer is not None:
         writer.close()
     manifest = {"kind": "latents", "num_examples": count, "latent_shape": shape, "shards": shards}
+    if captioned:
+        manifest["captioned"] = True
     with open(os.path.join(out_dir, MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+class TextEmbeddings:
+    """Text embeddings aligned by record index with a dataset, as `python -m eflow_jax.data.embed_text`
+    writes them: `embeddings[i]` -> {'text_embedding': bfloat16 [L, D], zero after the text;
+    'text_mask': bool [L], a prefix of Trues}.
+
+    Each record stores the text's rows only ([n, D], n = its tokens with the EOS) and the mask [L];
+    the zero rows are added back here, so a 20-token caption costs 20 rows, not L.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(
+                f"{manifest_path} is missing: text embedding never ran or did not finish; (re)run it (it "
+                f"resumes): python -m eflow_jax.data.embed_text --encoder=ENCODER_DIR --data=DATASET_DIR "
+                f"--out={self.path}")
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("kind") != TEXT_KIND:
+            raise ValueError(f"{self.path} holds {self.manifest.get('kind')!r} records, not text embeddings")
+        self.max_len, self.d_model = int(self.manifest["max_len"]), int(self.manifest["d_model"])
+        shards = _shard_paths(self.path, self.manifest)
+        self._records = array_record_data_source.ArrayRecordDataSource(shards) if shards else None
+
+    @classmethod
+    def for_dataset(cls, path: str | os.PathLike, dataset_path: str,
+                    dataset_manifest: Mapping[str, Any]) -> TextEmbeddings:
+        """Opens `path` after checking that it was computed for this dataset (count, record order)."""
+        text = cls(path)
+        have, want = len(text), dataset_manifest.get("num_examples")
+        fingerprint = text.manifest.get("dataset", {}).get("fingerprint")
+        if have != want:
+            raise ValueError(f"text embeddings {text.path} hold {have} records but dataset {dataset_path} has "
+                             f"{want}: they belong to another dataset; run python -m eflow_jax.data.embed_text "
+                             f"--data={dataset_path} --out=NEW_DIR")
+        if fingerprint and "shards" in dataset_manifest and fingerprint != dataset_fingerprint(dataset_manifest):
+            raise ValueError(f"text embeddings {text.path} were computed for another preparation of "
+                             f"{dataset_path} (its shards or sources differ): records would not line up; "
+                             f"run python -m eflow_jax.data.embed_text --data={dataset_path} --out=NEW_DIR")
+        return text
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_examples"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} text embeddings")
+        record = unpack_record(self._records[index])
+        mask, rows = np.array(record["text_mask"]), record["text_embedding"]
+        if mask.shape != (self.max_len,) or rows.shape != (int(mask.sum()), self.d_model):
+            raise CorruptRecordError(f"text embedding {index} of {self.path}: rows {list(rows.shape)} and mask "
+                                     f"{list(mask.shape)} do not fit max_len {self.max_len}, d_model {self.d_model}")
+        embedding = np.zeros((self.max_len, self.d_model), ml_dtypes.bfloat16)
+        embedding[: len(rows)] = rows
+        return {"text_embedding": embedding, "text_mask": mask}
+
+    def __repr__(self) -> str:
+        return f"TextEmbeddings(path={self.path!r}, len={len(self)}, max_len={self.max_len}, d_model={self.d_model})"
 
 
 class TfdsSource:
