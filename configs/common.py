@@ -6,7 +6,7 @@ Each section's defaults live beside the code that reads them (dit.model_config, 
 
 import ml_collections
 
-from eflow_jax import evaluate, optim, sample, sharding, train
+from eflow_jax import evaluate, optim, sample, sharding, text, train
 from eflow_jax.data import pipeline
 from eflow_jax.flow import objectives
 from eflow_jax.models import dit
@@ -57,5 +57,6 @@ def base_config(variant: str = "B", objective: str = "eflow") -> ml_collections.
     c.log = train.log_config()
     c.train = train.train_config()
     c.sample = sample.sample_config()
+    c.text = text.text_config()
     c.eval = evaluate.eval_config()
     return c

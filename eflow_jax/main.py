@@ -3,6 +3,7 @@ r"""eflow_jax command line: train, sample, export, eval.
     python -m eflow_jax.main --config=configs/kinetics.py --workdir=/ckpt/run1
     python -m eflow_jax.main --mode=sample --workdir=/ckpt/run1 --sample.num_steps=2 \
         --sample.labels=0,5,17 --sample.num=16 --out=samples/
+    python -m eflow_jax.main --mode=sample --workdir=/ckpt/t2v --sample.prompt="a red circle moving left"
     python -m eflow_jax.main --mode=export --workdir=/ckpt/run1 --out=/ckpt/run1_ema
     python -m eflow_jax.main --mode=eval --workdir=/ckpt/run1 --eval.fvd.i3d_path=/models/i3d.npz
     python -m eflow_jax.main --mode=eval --workdir=/tmp/eflow_demo --eval.metric=shapes
@@ -70,8 +71,11 @@ def main(argv) -> None:
                             use_ema=FLAGS.sample.use_ema, step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
         logging.info("exported params + config to %s", out)
     elif FLAGS.mode == "sample":
-        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir),
-                               FLAGS.sample, mesh)
+        try:
+            sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir),
+                                   FLAGS.sample, mesh)
+        except (ValueError, FileNotFoundError) as e:  # Bad --sample.* flags, missing encoder files.
+            raise SystemExit(f"error: {e}") from None
     else:
         evaluate.apply_eval_flags(config, FLAGS.eval)  # --eval.* flags given override the run's config.
         evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh,

@@ -37,6 +37,9 @@ METRICS_NAME = "metrics.jsonl"
 # Implementation choices that compute the same function from the same parameters: a run may
 # resume with other values (e.g. another attention kernel on another machine).
 RUNTIME_MODEL_FIELDS = frozenset({"attention_impl", "remat"})
+# Fields that shape nothing unless the model takes text (model.context_dim > 0): snapshots of runs
+# from before text conditioning lack them, and those runs still resume.
+TEXT_MODEL_FIELDS = frozenset({"context_len"})
 
 
 def lock_path(workdir: str) -> str:
@@ -170,7 +173,9 @@ def _flatten(tree: dict, prefix: str) -> dict[str, object]:
 def model_diff(saved: dict, current: dict) -> list[str]:
     """'model.field: saved -> current' for every differing field (JSON forms, so tuples == lists)."""
     a, b = _flatten(saved, "model."), _flatten(current, "model.")
-    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[1] not in RUNTIME_MODEL_FIELDS)
+    text = bool(a.get("model.context_dim")) or bool(b.get("model.context_dim"))
+    ignored = RUNTIME_MODEL_FIELDS | (frozenset() if text else TEXT_MODEL_FIELDS)
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[1] not in ignored)
     missing = "<absent>"
     return [f"{k}: {a.get(k, missing)} -> {b.get(k, missing)}" for k in keys if a.get(k, missing) != b.get(k, missing)]
 

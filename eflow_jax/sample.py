@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, rundir, sharding
+from eflow_jax import checkpoint, rundir, sharding, text
 from eflow_jax import state as state_lib
 from eflow_jax.flow import objectives, samplers
 from eflow_jax.flow.condition import Condition
@@ -39,6 +39,8 @@ def sample_config() -> ml_collections.ConfigDict:
         guidance="cfg",  # Flow-matching runs only: 'cfg' | 'path_drop' | 'none'.
         guidance_scale=3.0,
         labels="",  # Comma-separated class ids; empty = 0..num-1 modulo num_classes.
+        prompt="",  # Text runs: one prompt (clips cycle over the prompts).
+        prompts="",  # Text runs: a UTF-8 file of prompts, one per line.
         num=8,
         seed=0,
         batch_size=8,
@@ -110,10 +112,10 @@ def _clip_inputs_impl(shape, count, key, start):
 _clip_inputs = jax.jit(_clip_inputs_impl, static_argnums=(0, 1))
 
 
-def parse_labels(text: str, num: int, num_classes: int) -> list[int]:
-    if not text:
+def parse_labels(spec: str, num: int, num_classes: int) -> list[int]:
+    if not spec:
         return [i % num_classes for i in range(num)]
-    labels = [int(v) for v in str(text).split(",") if v.strip()]
+    labels = [int(v) for v in str(spec).split(",") if v.strip()]
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"--sample.labels {bad} outside [0, {num_classes}); this run has {num_classes} classes.")
@@ -133,6 +135,7 @@ class Requests:
     text: np.ndarray | None = None
     text_mask: np.ndarray | None = None
     prompts: tuple[str, ...] = ()
+    prompt_ids: np.ndarray | None = None  # int [N]: each clip's prompt (an index into `prompts`).
 
     @classmethod
     def of(cls, what) -> Requests:
@@ -201,9 +204,9 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int,
-                 log: Callable[[str], None] | None = None) -> list[str]:
-    """mp4 + gif per clip (named by clip index, label and seed: repeated labels never collide) and
-    a grid, via eval.export (pixels in [-1, 1] assumed). Returns the files written."""
+                 log: Callable[[str], None] | None = None, prompts: Sequence[str] | None = None) -> list[str]:
+    """mp4 + gif per clip (named by clip index, label (or prompt index) and seed: repeats never collide)
+    and a grid, via eval.export (pixels in [-1, 1] assumed). Returns the files written."""
     from eflow_jax.eval import export
 
     os.makedirs(out_dir, exist_ok=True)
@@ -211,24 +214,53 @@ def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps:
     progress = Progress("writing videos", n, log=log)
     return [str(p) for p in export.save_samples(out_dir, np.clip(videos, -1, 1), list(labels), [seed] * n,
                                                 num_steps, fps, indices=range(n),
-                                                on_written=lambda: progress.update(1))]
+                                                on_written=lambda: progress.update(1), prompts=prompts)]
+
+
+def requests_for(config, sample_cfg, num: int, prompts: Sequence[str] = ()) -> Requests:
+    """`num` clips' conditions for a run: labels from `sample_cfg.labels` (cycling over the classes),
+    and for text runs the prompts of --sample.prompt/--sample.prompts (else `prompts`), cycled over
+    the clips and encoded with the run's text encoder."""
+    labels = parse_labels(sample_cfg.labels, num, config.model.num_classes) if config.model.num_classes else None
+    labels = None if labels is None else np.asarray(labels, np.int32)
+    if not config.model.context_dim:
+        if sample_cfg.prompt or sample_cfg.prompts:
+            raise ValueError("--sample.prompt(s) given, but this run is class-conditional (model.context_dim=0); "
+                             "use --sample.labels.")
+        return Requests(labels=labels)
+    prompts = text.read_prompts(sample_cfg) or list(prompts)
+    if not prompts:
+        raise ValueError("this run is text-conditioned: give --sample.prompt='...' or --sample.prompts=FILE "
+                         "(one prompt per line).")
+    ids = np.arange(num) % len(prompts)
+    emb, mask = text.encode_prompts(config, prompts)
+    return Requests(labels=labels, text=emb[ids], text_mask=mask[ids], prompts=tuple(prompts), prompt_ids=ids)
+
+
+def write_requests(out_dir: str, videos: np.ndarray, requests: Requests, seed: int, num_steps: int, fps: int,
+                   log: Callable[[str], None] | None = None) -> list[str]:
+    """write_videos for `requests`: named by prompt index (and a prompt sheet) for text runs."""
+    if requests.prompt_ids is not None:
+        return write_videos(out_dir, videos, requests.prompt_ids, seed, num_steps, fps, log, prompts=requests.prompts)
+    return write_videos(out_dir, videos, requests.labels, seed, num_steps, fps, log)
 
 
 def run_sample_mode(config, workdir: str, out_dir: str, sample_cfg, mesh) -> list[str]:
-    """--mode=sample: `sample_cfg.num` clips of `sample_cfg.labels` from a run's (EMA) params, written
-    to out_dir. Returns the files written (every process generates; process 0 writes)."""
+    """--mode=sample: `sample_cfg.num` clips of `sample_cfg.labels` (or prompts, for text runs) from a
+    run's (EMA) params, written to out_dir. Returns the files written (every process generates;
+    process 0 writes)."""
     from eflow_jax.models import dit
 
     s = sample_cfg
+    requests = requests_for(config, s, s.num)
     _, net = dit.make_network(config.model)
     params = load_params(workdir, config, mesh, use_ema=s.use_ema, step=None if s.step < 0 else s.step)
-    labels = parse_labels(s.labels, s.num, config.model.num_classes)
-    videos = generate(config, net, params, labels, s.num_steps, s.seed, s.batch_size, s, mesh)
+    videos = generate(config, net, params, requests, s.num_steps, s.seed, s.batch_size, s, mesh)
     if jax.process_index() != 0:
         return []
-    paths = write_videos(out_dir, videos, labels, s.seed, s.num_steps, s.fps)
+    paths = write_requests(out_dir, videos, requests, s.seed, s.num_steps, s.fps)
     written = sorted({p for p in paths if os.path.isfile(p)})
-    logging.info("wrote %d files (%d clips as mp4 + gif, and a grid) to %s", len(written), len(labels), out_dir)
+    logging.info("wrote %d files (%d clips as mp4 + gif, and a grid) to %s", len(written), len(requests), out_dir)
     return written
 
 

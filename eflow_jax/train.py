@@ -100,13 +100,15 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
                          f"no tokens (model.keep_per_group={config.model.keep_per_group} of drop_group "
                          f"{tuple(config.model.drop_group)}); set dense_finetune_frac=0 or keep fewer tokens.")
     t, h, w, c = config.model.video_shape
-    if config.data.num_classes != config.model.num_classes:
+    if config.model.num_classes and config.data.num_classes != config.model.num_classes:
         raise ValueError(f"data.num_classes={config.data.num_classes} != model.num_classes="
                          f"{config.model.num_classes}; set both to the dataset's class count.")
     if h != w:
         raise ValueError(f"model.video_shape={tuple(config.model.video_shape)}: the data pipeline makes square "
                          f"clips; set H == W.")
-    pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c)
+    m = config.model
+    pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c,
+                                  text_shape=(m.context_len, m.context_dim) if m.context_dim else None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         # ---- Input: uint8 batches; its worker processes start while the step compiles ----
         data_iter = pipeline.make_train_iterator(
             config.data, global_batch_size=config.batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(), float_video=False)
+            process_index=jax.process_index(), process_count=jax.process_count(), float_video=False,
+            text=config.model.context_dim > 0)
         closing.callback(getattr(data_iter, "close", lambda: None))
         with loop.workers_started_early(data_iter, enabled=config.data.worker_count > 0):
             prog = setup(config)

@@ -25,7 +25,7 @@ def random_params(model, seed=0, scale=0.05):
     params = nn.meta.unbox(dit.init_params(model, jax.random.key(seed)))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)])
 
 
 def inputs(batch=3, seed=3):
@@ -117,3 +117,24 @@ def test_flop_count_includes_cross_attention():
         xla = counted(lambda p, x, t, c, k: net(p, x, t, t, c, k), params, x, t, spec, keep_arg)
         assert xla == pytest.approx(getattr(ours, kind), rel=0.1), kind
         assert getattr(ours, kind) > 1.02 * getattr(plain, kind)  # The cross-attention is counted.
+
+
+def test_padded_keys_are_aligned_and_change_nothing():
+    """attend pads a ragged key count (77-token captions) to KV_ALIGN for cuDNN; masked keys never count."""
+    from eflow_jax.models import attention
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (2, 8, 2, 16))
+    k, v = (jax.random.normal(kk, (2, 5, 2, 16)) for kk in ks[1:])
+    lengths = jnp.array([2, 5], jnp.int32)
+    out = attention.attend(q, k, v, implementation="xla", kv_lengths=lengths)
+    ref = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    seen = []
+    real = jax.nn.dot_product_attention
+    try:
+        jax.nn.dot_product_attention = lambda q, k, v, **kw: seen.append(k.shape[1]) or real(q, k, v, **kw)
+        attention.attend(q, k, v, implementation="xla", kv_lengths=lengths)
+    finally:
+        jax.nn.dot_product_attention = real
+    assert seen == [attention.KV_ALIGN]

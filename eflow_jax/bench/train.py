@@ -55,7 +55,7 @@ def _common():
     return config_file.load_module(config_file.in_repo("common.py"))
 
 
-def build(suite: dict, setting: str, dtype: str, remat: str):
+def build(suite: dict, setting: str, dtype: str, remat: str, text_len: int = 0, text_dim: int = 4096):
     objective, overrides = SETTINGS[setting]
     c = _common().base_config(suite["variant"], objective)
     c.batch_size = suite["batch"]
@@ -64,6 +64,8 @@ def build(suite: dict, setting: str, dtype: str, remat: str):
                    cell=suite["cell"], num_classes=1000, dtype=dtype, remat=remat, **overrides)
     if setting == "eflow_no_mva":
         c.objective.mva.enabled = False
+    if text_len:  # Text-conditioned: cross-attention to text_len tokens of a text_dim-wide encoder.
+        c.model.update(num_classes=0, context_len=text_len, context_dim=text_dim)
     t, h, _, ch = suite["video_shape"]  # train.setup validates that the data can feed the model.
     c.data.update(source="synthetic", num_frames=t, resolution=h, channels=ch, num_classes=1000)
     return c
@@ -72,14 +74,20 @@ def build(suite: dict, setting: str, dtype: str, remat: str):
 def random_batch(prog: train.Program, num_classes: int, seed: int = 0) -> dict:
     """A global batch of the dtypes, shapes and shardings the compiled step takes."""
     spec = prog.batch_spec
-    keys = jax.random.split(jax.random.key(seed), 2)
+    keys = jax.random.split(jax.random.key(seed), 4)
     video, label = spec["video"], spec["label"]
     if video.dtype == jnp.uint8:
         pixels = jax.random.randint(keys[0], video.shape, 0, 256).astype(jnp.uint8)
     else:
         pixels = jax.random.normal(keys[0], video.shape, video.dtype)
-    return {"video": jax.device_put(pixels, video.sharding),
-            "label": jax.device_put(jax.random.randint(keys[1], label.shape, 0, num_classes), label.sharding)}
+    batch = {"video": jax.device_put(pixels, video.sharding),
+             "label": jax.device_put(jax.random.randint(keys[1], label.shape, 0, max(num_classes, 1)), label.sharding)}
+    if "text_embedding" in spec:  # Captions of random lengths (at least one token), padded at the end.
+        text, mask = spec["text_embedding"], spec["text_mask"]
+        lengths = jax.random.randint(keys[3], mask.shape[:1], 1, mask.shape[1] + 1)
+        batch["text_embedding"] = jax.device_put(jax.random.normal(keys[2], text.shape, text.dtype), text.sharding)
+        batch["text_mask"] = jax.device_put(jnp.arange(mask.shape[1])[None] < lengths[:, None], mask.sharding)
+    return batch
 
 
 def median_step_s(step, state, next_batch, iters: int):
@@ -161,6 +169,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="none")
     p.add_argument("--batch", type=int, default=0, help="Override the suite's global batch.")
+    p.add_argument("--text_len", type=int, default=0,
+                   help="> 0: text-conditioned rows (cross-attention to this many tokens) instead of labels.")
+    p.add_argument("--text_dim", type=int, default=4096, help="Text-encoder width (4096: UMT5-XXL, Wan 2.1's).")
     a = p.parse_args()
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     if a.suite == "model":
@@ -176,10 +187,11 @@ def main() -> None:
         suite["batch"] = a.batch
     chosen = [s for s in (a.settings.split(",") if a.settings else suite["settings"]) if s]
     for setting in chosen:
-        c = build(suite, setting, a.dtype, a.remat)
+        c = build(suite, setting, a.dtype, a.remat, a.text_len, a.text_dim)
         row = dict(bench="train_step", suite=a.suite, setting=setting, device=device, devices=jax.device_count(),
                    variant=c.model.variant, batch=c.batch_size, shape=list(c.model.video_shape),
-                   objective=c.objective.name, mode=c.model.mode, dtype=a.dtype, remat=a.remat)
+                   objective=c.objective.name, mode=c.model.mode, dtype=a.dtype, remat=a.remat,
+                   text_len=a.text_len, text_dim=a.text_dim if a.text_len else 0)
         try:
             row |= time_train_step(c, a.iters)
         except Exception as e:  # noqa: BLE001 (report OOM etc. as a row, keep going)

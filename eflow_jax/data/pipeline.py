@@ -16,6 +16,7 @@ scales them to [-1, 1]); the evaluation iterator, and the training one by defaul
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import grain
@@ -57,11 +58,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     )
     cfg.prefetch_buffer = 2  # Batches' worth of examples buffered per process / worker.
     cfg.on_corrupt = "skip"  # 'skip' (count + warn) | 'fail' (raise with the record index).
+    # Text-conditioned runs (model.context_dim > 0): the embeddings `python -m eflow_jax.data.embed_text`
+    # wrote for data.path ('' = data.path/text_embeddings, its default --out).
+    cfg.text_embeddings = ""
     return cfg
 
 
-def make_source(data_cfg: ml_collections.ConfigDict):
-    """The random-access source named by data_cfg.source (see sources.py)."""
+def text_embeddings_dir(data_cfg: ml_collections.ConfigDict) -> str:
+    """Where a text-conditioned run reads its precomputed caption embeddings."""
+    return data_cfg.text_embeddings or os.path.join(data_cfg.path, "text_embeddings")
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, text: bool = False):
+    """The random-access source named by data_cfg.source (see sources.py); text=True joins each example's
+    caption embedding ('text_embedding', 'text_mask')."""
     source = data_cfg.source
     if source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -94,9 +104,10 @@ def make_source(data_cfg: ml_collections.ConfigDict):
             else "eflow_jax.data.sources.write_latents"
         )
         raise ValueError(f"data.source={source!r} needs data.path; create the data with:\n  {hint}")
+    text_dir = text_embeddings_dir(data_cfg) if text else None
     if source == "arrayrecord":
-        return ArrayRecordClipSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt)
-    return LatentSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt)
+        return ArrayRecordClipSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt, text_dir=text_dir)
+    return LatentSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt, text_dir=text_dir)
 
 
 def sample_clip(
@@ -152,6 +163,8 @@ class _ClipTransform(grain.transforms.RandomMap):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         out = dict(element)
+        if self.train:  # Training batches go to the device: arrays only (captions are strings).
+            out.pop("caption", None)
         out["label"] = np.int32(element["label"])
         if not self.latents:  # Latents are used as stored: no crop, resize or flip.
             # C-contiguous, or grain's workers pickle the clip through their result pipe instead
@@ -244,6 +257,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     float_video: bool = True,
+    text: bool = False,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled per-process batches {'video': float32 [b,T,H,W,C], 'label': int32 [b]}.
 
@@ -254,6 +268,7 @@ def make_train_iterator(
         process_index, process_count: this process's slice of every epoch.
         float_video: False leaves pixel videos uint8 as stored (train.to_model_input scales them
           on the device); latents are float32 either way.
+        text: join each example's caption embedding (text-conditioned runs).
 
     Returns:
         a grain DatasetIterator; save/restore its position with get_state()/set_state().
@@ -265,7 +280,7 @@ def make_train_iterator(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
-    source = make_source(data_cfg)
+    source = make_source(data_cfg, text)
     # One global stream (shuffle, reshuffled each epoch; augmentation a function of the global
     # position), cut into global batches; this process takes its contiguous block of every one. The
     # global batches are thus the same for any process count (2 processes train like 1).
@@ -285,6 +300,7 @@ def make_eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
     drop_remainder: bool = False,
+    text: bool = False,
 ) -> grain.DatasetIterator:
     """One pass, in order, central crops: real clips for FVD statistics.
 
@@ -294,7 +310,7 @@ def make_eval_iterator(
         num_examples: use this many examples, evenly spaced over the dataset (all classes, ordered).
         process_index, process_count: this process reads examples process_index::process_count.
     """
-    source = make_source(data_cfg)
+    source = make_source(data_cfg, text)
     ds = grain.MapDataset.source(source)
     if num_examples is not None and num_examples < len(ds):
         ds = ds[:: len(ds) // num_examples][:num_examples]
@@ -324,6 +340,18 @@ def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.nda
     return batch["video"], batch["label"]
 
 
+def _check_text(source, data_cfg, text_shape: tuple[int, int]) -> None:
+    """The joined caption embeddings must have the model's (context_len, context_dim)."""
+    text = getattr(source, "text", None)
+    if text is None:
+        raise ValueError(f"the model takes text (model.context_dim > 0) but data.source={data_cfg.source!r} has no "
+                         f"caption embeddings; prepare captioned clips and run python -m eflow_jax.data.embed_text.")
+    if (text.max_len, text.d_model) != tuple(text_shape):
+        raise ValueError(f"text embeddings in {text.path} are [{text.max_len}, {text.d_model}] per caption, the "
+                         f"model takes [model.context_len, model.context_dim] = {list(text_shape)}; set those to "
+                         f"{text.max_len}, {text.d_model}.")
+
+
 def _stored_shape(source) -> tuple[int, ...]:
     if isinstance(source, ArrayRecordClipSource):
         return source.clip_shape
@@ -335,7 +363,8 @@ def _stored_shape(source) -> tuple[int, ...]:
 
 
 def validate_data_config(
-    data_cfg: ml_collections.ConfigDict, *, model_frames: int, model_size: int, model_channels: int
+    data_cfg: ml_collections.ConfigDict, *, model_frames: int, model_size: int, model_channels: int,
+    text_shape: tuple[int, int] | None = None,
 ) -> None:
     """Fails early, with the fix in the message, when the data cannot feed the model.
 
@@ -352,9 +381,11 @@ def validate_data_config(
         )
     if data_cfg.on_corrupt not in ("skip", "fail"):
         raise ValueError(f"data.on_corrupt must be 'skip' or 'fail', got {data_cfg.on_corrupt!r}")
-    source = make_source(data_cfg)  # Raises for unknown sources and missing paths.
+    source = make_source(data_cfg, text_shape is not None)  # Raises for unknown sources and missing paths.
     if not len(source):
         raise ValueError(f"data source {data_cfg.source!r} at {data_cfg.path!r} is empty")
+    if text_shape is not None:
+        _check_text(source, data_cfg, text_shape)
     stored = _stored_shape(source)
     if data_cfg.source == "latents":
         want = (model_frames, model_size, model_size, model_channels)

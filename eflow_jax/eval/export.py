@@ -206,17 +206,23 @@ def image_strip(video: np.ndarray, num_frames: int) -> np.ndarray:
     return np.concatenate(list(video[picks]), axis=1)
 
 
-def sample_stem(label: int, seed: int, steps: int, index: int | None = None) -> str:
-    """File name stem shared by a sample's mp4 and gif (prefixed by the clip index when given)."""
-    stem = f"label{int(label):04d}_seed{int(seed)}_steps{int(steps)}"
+def sample_stem(label: int, seed: int, steps: int, index: int | None = None, what: str = "label") -> str:
+    """File name stem shared by a sample's mp4 and gif (prefixed by the clip index when given);
+    what='prompt': `label` is the index of the clip's prompt."""
+    stem = f"{what}{int(label):04d}_seed{int(seed)}_steps{int(steps)}"
     return stem if index is None else f"clip{int(index):05d}_{stem}"
 
 
 def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
                  seeds: Sequence[int], steps: int, fps: float, grid_cols: int | None = None,
                  indices: Sequence[int] | None = None,
-                 on_written: Callable[[], None] | None = None) -> list[Path]:
+                 on_written: Callable[[], None] | None = None,
+                 prompts: Sequence[str] | None = None) -> list[Path]:
     """Writes one mp4 + gif per sample, plus `grid_steps{n}.mp4/.gif` of all samples.
+
+    With `prompts` (text runs), `labels` are prompt indices: names say `prompt0003`, and
+    `prompts.txt` (index<TAB>prompt) and `grid_steps{n}_prompts.png` (each clip's frames beside its
+    prompt) are written too.
 
     Args:
       out_dir: destination folder (created).
@@ -239,7 +245,8 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
     if len(labels) != n or len(seeds) != n or len(indices) != n:
         raise ValueError(f"need one label and seed (and index, if given) per video: {n} videos, "
                          f"{len(labels)} labels, {len(seeds)} seeds, {len(indices)} indices")
-    stems = [sample_stem(label, seed, steps, i) for label, seed, i in zip(labels, seeds, indices, strict=True)]
+    what = "label" if prompts is None else "prompt"
+    stems = [sample_stem(label, seed, steps, i, what) for label, seed, i in zip(labels, seeds, indices, strict=True)]
     repeated = sorted(stem for stem, k in Counter(stems).items() if k > 1)
     if repeated:  # Would silently overwrite one clip with another.
         raise ValueError(f"samples {repeated[:3]} repeat (label, seed): pass indices= to name each clip.")
@@ -254,4 +261,31 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
     grid = video_grid(frames, grid_cols or int(np.ceil(np.sqrt(n))))
     paths.append(write_mp4(out_dir / f"grid_steps{int(steps)}.mp4", grid, fps))
     paths.append(write_gif(out_dir / f"grid_steps{int(steps)}.gif", grid, fps))
+    if prompts is not None:
+        listing = out_dir / "prompts.txt"
+        listing.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
+        paths.append(listing)
+        paths.append(prompt_sheet(out_dir / f"grid_steps{int(steps)}_prompts.png", frames,
+                                  [prompts[int(label)] for label in labels]))
     return paths
+
+
+def prompt_sheet(path: str | Path, frames_nthwc: np.ndarray, captions: Sequence[str], frames: int = 4,
+                 cell: int = 96) -> Path:
+    """A PNG with one row per clip: `frames` evenly spaced frames (upscaled to `cell` px) and its caption."""
+    from PIL import Image, ImageDraw
+
+    n, t = frames_nthwc.shape[:2]
+    picks = np.linspace(0, t - 1, min(frames, t)).round().astype(int)
+    text_w, pad = 8 * max((len(c) for c in captions), default=1) + 2 * GRID_BORDER_PX, GRID_BORDER_PX
+    sheet = Image.new("RGB", (len(picks) * (cell + pad) + pad + text_w, n * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (clip, caption) in enumerate(zip(frames_nthwc, captions, strict=True)):
+        top = pad + row * (cell + pad)
+        for col, f in enumerate(picks):
+            tile = Image.fromarray(clip[f]).resize((cell, cell), Image.NEAREST)
+            sheet.paste(tile, (pad + col * (cell + pad), top))
+        draw.text((len(picks) * (cell + pad) + pad, top + cell // 2 - 6), caption, fill="black")
+    path = Path(path)
+    sheet.save(path)
+    return path

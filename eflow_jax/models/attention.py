@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "splash")
+KV_ALIGN = 16  # Padded text keys are rounded up to this many (cuDNN wants an even count; 16 aligns tiles).
 
 
 def default_implementation(backend: str | None = None) -> str:
@@ -69,6 +70,12 @@ def attend(
       [B, Lq, H, D] in q's dtype.
     """
     impl = resolve(implementation)
+    if kv_lengths is not None and k.shape[1] % KV_ALIGN:
+        # cuDNN's masked (padded-length) kernel needs an even key count, so 77-token captions stop it
+        # ("Unsupported sequence length Q 2048, KV 77" on an H200); keys past the lengths are never
+        # attended to, so padding them changes nothing, on any backend.
+        pad = ((0, 0), (0, KV_ALIGN - k.shape[1] % KV_ALIGN), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     if impl == "splash":
         if mask is None and kv_lengths is None and _splash_fits(q.shape[1], k.shape[1]):
             return splash_attention(q, k, v, interpret=jax.default_backend() != "tpu")
