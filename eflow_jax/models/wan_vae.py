@@ -109,6 +109,10 @@ class VAEConfig:
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    def jit_args(self) -> tuple:
+        """(config, dtype name, params, stats): the leading arguments of encode/decode_chunks."""
+        return (*self._static, self.params, self._stats)
+
     def latent_shape(self, clip_shape_thwc: Sequence[int]) -> tuple[int, int, int, int]:
         """[T', h, w, z_dim] of the latents of a [T, H, W, C] clip."""
         t, h, w = clip_shape_thwc[:3]
@@ -577,13 +581,65 @@ def vae_record(directory: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _run_chunk(model: WanVAE, method, params):
+    """(cache or None, chunk) -> (new cache, output): one time chunk through `method`."""
+    def run(cache, chunk):
+        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+        out, new = model.apply(variables, chunk, method=method, mutable=["cache"])
+        return new["cache"], out
+    return run
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def encode_chunks(config: VAEConfig, dtype: str, params, stats, videos, cache):
+    """Videos [B, T, H, W, C] (uint8, or float in [-1, 1]) -> (normalised latents float32, cache).
+
+    cache None: a clip start (the first frame alone, then chunks of 4); else the cache of the
+    clip's earlier frames. stats: (latents_mean, latents_std). Jitted; config and dtype static.
+    """
+    if videos.dtype == jnp.uint8:  # As train.to_model_input.
+        videos = videos.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    run = _run_chunk(WanVAE(config, jnp.dtype(dtype)), WanVAE.encode_chunk, params)
+    b, _, h, w, c = videos.shape
+    mus = []
+    if cache is None:
+        cache, mu = run(None, videos[:, :1])
+        mus, videos = [mu], videos[:, 1:]
+    n = videos.shape[1] // FRAMES_PER_CHUNK
+    if n:
+        chunks = jnp.moveaxis(videos.reshape(b, n, FRAMES_PER_CHUNK, h, w, c), 1, 0)
+        cache, mu = jax.lax.scan(run, cache, chunks)  # [n, B, 1, h', w', z]
+        mus.append(jnp.moveaxis(mu, 0, 1).reshape(b, n, *mu.shape[3:]))
+    mean, std = stats
+    return (jnp.concatenate(mus, axis=1).astype(jnp.float32) - mean) / std, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def decode_chunks(config: VAEConfig, dtype: str, params, stats, latents, cache):
+    """Normalised latents [B, T', h, w, z] -> (pixels float32 in [-1, 1], cache).
+
+    cache None: a clip start (the first latent alone -> 1 frame, then 4 frames per latent).
+    """
+    mean, std = stats
+    z = latents.astype(jnp.float32) * std + mean
+    run = _run_chunk(WanVAE(config, jnp.dtype(dtype)), WanVAE.decode_chunk, params)
+    outs = []
+    if cache is None:
+        cache, x = run(None, z[:, :1])
+        outs, z = [x], z[:, 1:]
+    if z.shape[1]:
+        cache, x = jax.lax.scan(run, cache, jnp.moveaxis(z[:, :, None], 1, 0))  # [n, B, 4, H, W, C]
+        outs.append(jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]))
+    return jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0), cache
+
+
 class VideoVAE:
     """A Wan 2.1 VAE with its params on the device(s): jitted, batched, chunked over time.
 
     Batches are split over the local devices (the ('data', 'fsdp') axes of `mesh`; params
-    replicated) and padded to a multiple of their count. The jitted pure functions are
-    `encode_jit(params, videos, cache)` and `decode_jit(params, latents, cache)` (for AOT
-    lowering, e.g. memory analysis); `encode` / `decode` wrap them.
+    replicated) and padded to a multiple of their count. `encode` / `decode` wrap the jitted
+    pure functions `encode_chunks` / `decode_chunks` (module level, so VAEs of one architecture
+    share their compiles); `jit_args()` gives their leading arguments, for AOT lowering.
     """
 
     def __init__(self, config: VAEConfig, params: dict, *, dtype: Any = jnp.bfloat16,
@@ -596,8 +652,12 @@ class VideoVAE:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self.latents_mean = np.asarray(config.latents_mean, np.float32)
         self.latents_std = np.asarray(config.latents_std, np.float32)
-        self.encode_jit = jax.jit(self._encode_impl)
-        self.decode_jit = jax.jit(self._decode_impl)
+        # The statistics are arguments, not part of the static key: VAEs that differ only in
+        # them (and in weights) share compiled code.
+        z = config.z_dim
+        self._static = (dataclasses.replace(config, latents_mean=(0.0,) * z, latents_std=(1.0,) * z),
+                        self.dtype.name)
+        self._stats = jax.device_put((self.latents_mean, self.latents_std), NamedSharding(self.mesh, P()))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
@@ -614,49 +674,12 @@ class VideoVAE:
         params = params_from_torch(pretrained.read_tensors(directory, "VAE"), config, where=f"VAE {directory}")
         return cls(config, params, dtype=dtype, directory=directory, mesh=mesh)
 
+    def jit_args(self) -> tuple:
+        """(config, dtype name, params, stats): the leading arguments of encode/decode_chunks."""
+        return (*self._static, self.params, self._stats)
+
     def latent_shape(self, clip_shape_thwc: Sequence[int]) -> tuple[int, int, int, int]:
         return self.config.latent_shape(clip_shape_thwc)
-
-    # -- the jitted pure functions -------------------------------------------------------------
-
-    def _run(self, method, params):
-        """(cache or None, chunk) -> (new cache, output): one chunk through `method`."""
-        def run(cache, chunk):
-            variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-            out, new = self.model.apply(variables, chunk, method=method, mutable=["cache"])
-            return new["cache"], out
-        return run
-
-    def _encode_impl(self, params, videos, cache):
-        """[B, T, H, W, C] (uint8, or float in [-1, 1]) -> normalised latents float32, cache."""
-        if videos.dtype == jnp.uint8:  # As train.to_model_input.
-            videos = videos.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        run = self._run(WanVAE.encode_chunk, params)
-        b, _, h, w, c = videos.shape
-        mus = []
-        if cache is None:  # A clip start: the first frame alone.
-            cache, mu = run(None, videos[:, :1])
-            mus, videos = [mu], videos[:, 1:]
-        n = videos.shape[1] // FRAMES_PER_CHUNK
-        if n:
-            chunks = jnp.moveaxis(videos.reshape(b, n, FRAMES_PER_CHUNK, h, w, c), 1, 0)
-            cache, mu = jax.lax.scan(run, cache, chunks)  # [n, B, 1, h', w', z]
-            mus.append(jnp.moveaxis(mu, 0, 1).reshape(b, n, *mu.shape[3:]))
-        mu = jnp.concatenate(mus, axis=1).astype(jnp.float32)
-        return (mu - self.latents_mean) / self.latents_std, cache
-
-    def _decode_impl(self, params, latents, cache):
-        """Normalised latents [B, T', h, w, z] -> pixels float32 in [-1, 1], cache."""
-        z = latents.astype(jnp.float32) * self.latents_std + self.latents_mean
-        run = self._run(WanVAE.decode_chunk, params)
-        outs = []
-        if cache is None:  # A clip start: the first latent frame alone (-> 1 frame).
-            cache, x = run(None, z[:, :1])
-            outs, z = [x], z[:, 1:]
-        if z.shape[1]:
-            cache, x = jax.lax.scan(run, cache, jnp.moveaxis(z[:, :, None], 1, 0))  # [n, B, 4, H, W, C]
-            outs.append(jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]))
-        return jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0), cache
 
     # -- the API ---------------------------------------------------------------------------------
 
@@ -691,7 +714,7 @@ class VideoVAE:
             raise ValueError(f"videos are [B, T, H, W, C]={list(videos_bthwc.shape)}; H and W must be "
                              f"multiples of {s} and C={self.config.in_channels}")
         x, b = self._put(videos_bthwc, "videos")
-        latents, cache = self.encode_jit(self.params, x, cache)
+        latents, cache = encode_chunks(*self.jit_args(), x, cache)
         return (latents[:b], cache) if return_cache else latents[:b]
 
     def decode(self, latents_bthwc, *, cache=None, return_cache: bool = False):
@@ -705,7 +728,7 @@ class VideoVAE:
             raise ValueError(f"latents are {list(latents_bthwc.shape)}; expected [B, T'>0, h, w, "
                              f"{self.config.z_dim}]")
         z, b = self._put(latents_bthwc, "latents")
-        videos, cache = self.decode_jit(self.params, z, cache)
+        videos, cache = decode_chunks(*self.jit_args(), z, cache)
         return (videos[:b], cache) if return_cache else videos[:b]
 
 
