@@ -109,10 +109,6 @@ class VAEConfig:
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
-    def jit_args(self) -> tuple:
-        """(config, dtype name, params, stats): the leading arguments of encode/decode_chunks."""
-        return (*self._static, self.params, self._stats)
-
     def latent_shape(self, clip_shape_thwc: Sequence[int]) -> tuple[int, int, int, int]:
         """[T', h, w, z_dim] of the latents of a [T, H, W, C] clip."""
         t, h, w = clip_shape_thwc[:3]
@@ -590,32 +586,44 @@ def _run_chunk(model: WanVAE, method, params):
     return run
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def encode_chunks(config: VAEConfig, dtype: str, params, stats, videos, cache):
+def _scan_chunks(run, cache, x_bthwc, frames: int):
+    """Runs `run` over time chunks of `frames` (a lax.scan), then over any shorter remainder."""
+    b, t = x_bthwc.shape[:2]
+    outs, n = [], t // frames
+    if n:
+        chunks = jnp.moveaxis(x_bthwc[:, : n * frames].reshape(b, n, frames, *x_bthwc.shape[2:]), 1, 0)
+        cache, out = jax.lax.scan(run, cache, chunks)  # [n, B, t_out, ...]
+        outs.append(jnp.moveaxis(out, 0, 1).reshape(b, -1, *out.shape[3:]))
+    if t % frames:
+        cache, out = run(cache, x_bthwc[:, n * frames :])
+        outs.append(out)
+    return cache, outs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def encode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, stats, videos, cache):
     """Videos [B, T, H, W, C] (uint8, or float in [-1, 1]) -> (normalised latents float32, cache).
 
-    cache None: a clip start (the first frame alone, then chunks of 4); else the cache of the
-    clip's earlier frames. stats: (latents_mean, latents_std). Jitted; config and dtype static.
+    cache None: a clip start (the first frame alone, then chunks of 4 frames per latent); else
+    the cache of the clip's earlier frames. latents_per_step: latents per scan step (the
+    reference: 1; more is the same function in fewer, larger steps). stats: (latents_mean,
+    latents_std). Jitted; the first three arguments are static.
     """
     if videos.dtype == jnp.uint8:  # As train.to_model_input.
         videos = videos.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     run = _run_chunk(WanVAE(config, jnp.dtype(dtype)), WanVAE.encode_chunk, params)
-    b, _, h, w, c = videos.shape
     mus = []
     if cache is None:
         cache, mu = run(None, videos[:, :1])
         mus, videos = [mu], videos[:, 1:]
-    n = videos.shape[1] // FRAMES_PER_CHUNK
-    if n:
-        chunks = jnp.moveaxis(videos.reshape(b, n, FRAMES_PER_CHUNK, h, w, c), 1, 0)
-        cache, mu = jax.lax.scan(run, cache, chunks)  # [n, B, 1, h', w', z]
-        mus.append(jnp.moveaxis(mu, 0, 1).reshape(b, n, *mu.shape[3:]))
+    cache, rest = _scan_chunks(run, cache, videos, FRAMES_PER_CHUNK * latents_per_step)
     mean, std = stats
+    mus += rest
     return (jnp.concatenate(mus, axis=1).astype(jnp.float32) - mean) / std, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def decode_chunks(config: VAEConfig, dtype: str, params, stats, latents, cache):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def decode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, stats, latents, cache):
     """Normalised latents [B, T', h, w, z] -> (pixels float32 in [-1, 1], cache).
 
     cache None: a clip start (the first latent alone -> 1 frame, then 4 frames per latent).
@@ -627,9 +635,8 @@ def decode_chunks(config: VAEConfig, dtype: str, params, stats, latents, cache):
     if cache is None:
         cache, x = run(None, z[:, :1])
         outs, z = [x], z[:, 1:]
-    if z.shape[1]:
-        cache, x = jax.lax.scan(run, cache, jnp.moveaxis(z[:, :, None], 1, 0))  # [n, B, 4, H, W, C]
-        outs.append(jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]))
+    cache, rest = _scan_chunks(run, cache, z, latents_per_step)
+    outs += rest
     return jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0), cache
 
 
@@ -643,8 +650,12 @@ class VideoVAE:
     """
 
     def __init__(self, config: VAEConfig, params: dict, *, dtype: Any = jnp.bfloat16,
-                 directory: str | None = None, mesh: jax.sharding.Mesh | None = None):
+                 directory: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                 latents_per_step: int = 1):
         self.config, self.dtype, self.directory = config, jnp.dtype(dtype), directory
+        if latents_per_step < 1:
+            raise ValueError(f"latents_per_step must be >= 1, got {latents_per_step}")
+        self.latents_per_step = int(latents_per_step)
         self.model = WanVAE(config, self.dtype)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(sharding.mesh_config(), jax.local_devices())
         self.batch_multiple = sharding.data_parallel_size(self.mesh)
@@ -661,8 +672,14 @@ class VideoVAE:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
-             mesh: jax.sharding.Mesh | None = None) -> VideoVAE:
+             mesh: jax.sharding.Mesh | None = None, latents_per_step: int = 1) -> VideoVAE:
         """Loads a diffusers-layout AutoencoderKLWan dir (config.json + *.safetensors).
+
+        Args:
+            directory: the checkpoint dir (e.g. Wan2.1-T2V-1.3B-Diffusers/vae).
+            dtype: compute dtype of the convs (params stay float32; norms and softmax float32).
+            mesh: devices to split batches over; default: all local devices.
+            latents_per_step: latents per time step of the scan (1: the reference's chunks).
 
         Raises:
             pretrained.CheckpointDirError: the dir, its config.json or its weights are missing.
@@ -672,11 +689,12 @@ class VideoVAE:
         config = VAEConfig.from_diffusers(pretrained.read_config(directory, "VAE"),
                                           where=os.path.join(directory, "config.json"))
         params = params_from_torch(pretrained.read_tensors(directory, "VAE"), config, where=f"VAE {directory}")
-        return cls(config, params, dtype=dtype, directory=directory, mesh=mesh)
+        return cls(config, params, dtype=dtype, directory=directory, mesh=mesh,
+                   latents_per_step=latents_per_step)
 
-    def jit_args(self) -> tuple:
-        """(config, dtype name, params, stats): the leading arguments of encode/decode_chunks."""
-        return (*self._static, self.params, self._stats)
+    def jit_args(self, latents_per_step: int | None = None) -> tuple:
+        """(config, dtype name, latents per step, params, stats): encode/decode_chunks' leading args."""
+        return (*self._static, latents_per_step or self.latents_per_step, self.params, self._stats)
 
     def latent_shape(self, clip_shape_thwc: Sequence[int]) -> tuple[int, int, int, int]:
         return self.config.latent_shape(clip_shape_thwc)
@@ -691,7 +709,8 @@ class VideoVAE:
                 array, jax.Array) else np.concatenate([array, np.repeat(array[-1:], pad, axis=0)])
         return jax.device_put(array, self._batch_sharding), b
 
-    def encode(self, videos_bthwc, *, cache=None, return_cache: bool = False):
+    def encode(self, videos_bthwc, *, cache=None, return_cache: bool = False,
+               latents_per_step: int | None = None):
         """Videos -> normalised latents (the posterior mean, deterministic).
 
         Args:
@@ -700,6 +719,7 @@ class VideoVAE:
               H and W multiples of 8.
             cache: the cache returned by a previous call on the clip's earlier frames.
             return_cache: also return the cache, to continue the clip in a later call.
+            latents_per_step: overrides the VAE's (same result, other speed/memory).
 
         Returns:
             float32 [B, T', H/8, W/8, z_dim] (T' = 1 + (T - 1) / 4 from a clip start, T / 4 after),
@@ -714,10 +734,11 @@ class VideoVAE:
             raise ValueError(f"videos are [B, T, H, W, C]={list(videos_bthwc.shape)}; H and W must be "
                              f"multiples of {s} and C={self.config.in_channels}")
         x, b = self._put(videos_bthwc, "videos")
-        latents, cache = encode_chunks(*self.jit_args(), x, cache)
+        latents, cache = encode_chunks(*self.jit_args(latents_per_step), x, cache)
         return (latents[:b], cache) if return_cache else latents[:b]
 
-    def decode(self, latents_bthwc, *, cache=None, return_cache: bool = False):
+    def decode(self, latents_bthwc, *, cache=None, return_cache: bool = False,
+               latents_per_step: int | None = None):
         """Normalised latents -> videos float32 [B, T, H, W, 3] in [-1, 1].
 
         From a clip start T = 1 + 4 (T' - 1); continuing one (`cache` from an earlier call on its
@@ -728,7 +749,7 @@ class VideoVAE:
             raise ValueError(f"latents are {list(latents_bthwc.shape)}; expected [B, T'>0, h, w, "
                              f"{self.config.z_dim}]")
         z, b = self._put(latents_bthwc, "latents")
-        videos, cache = decode_chunks(*self.jit_args(), z, cache)
+        videos, cache = decode_chunks(*self.jit_args(latents_per_step), z, cache)
         return (videos[:b], cache) if return_cache else videos[:b]
 
 
