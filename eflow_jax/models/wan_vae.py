@@ -600,14 +600,16 @@ def _scan_chunks(run, cache, x_bthwc, frames: int):
     return cache, outs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def encode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, stats, videos, cache):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def encode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, return_cache: bool, params, stats,
+                  videos, cache):
     """Videos [B, T, H, W, C] (uint8, or float in [-1, 1]) -> (normalised latents float32, cache).
 
     cache None: a clip start (the first frame alone, then chunks of 4 frames per latent); else
     the cache of the clip's earlier frames. latents_per_step: latents per scan step (the
     reference: 1; more is the same function in fewer, larger steps). stats: (latents_mean,
-    latents_std). Jitted; the first three arguments are static.
+    latents_std). return_cache False: the cache comes back as None (XLA then frees it: at
+    480x832 it is ~1 GB per clip). Jitted; the first four arguments are static.
     """
     if videos.dtype == jnp.uint8:  # As train.to_model_input.
         videos = videos.astype(jnp.float32) * (2.0 / 255.0) - 1.0
@@ -619,11 +621,12 @@ def encode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, 
     cache, rest = _scan_chunks(run, cache, videos, FRAMES_PER_CHUNK * latents_per_step)
     mean, std = stats
     mus += rest
-    return (jnp.concatenate(mus, axis=1).astype(jnp.float32) - mean) / std, cache
+    return (jnp.concatenate(mus, axis=1).astype(jnp.float32) - mean) / std, cache if return_cache else None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def decode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, stats, latents, cache):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def decode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, return_cache: bool, params, stats,
+                  latents, cache):
     """Normalised latents [B, T', h, w, z] -> (pixels float32 in [-1, 1], cache).
 
     cache None: a clip start (the first latent alone -> 1 frame, then 4 frames per latent).
@@ -637,7 +640,8 @@ def decode_chunks(config: VAEConfig, dtype: str, latents_per_step: int, params, 
         outs, z = [x], z[:, 1:]
     cache, rest = _scan_chunks(run, cache, z, latents_per_step)
     outs += rest
-    return jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0), cache
+    videos = jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0)
+    return videos, cache if return_cache else None
 
 
 class VideoVAE:
@@ -692,9 +696,11 @@ class VideoVAE:
         return cls(config, params, dtype=dtype, directory=directory, mesh=mesh,
                    latents_per_step=latents_per_step)
 
-    def jit_args(self, latents_per_step: int | None = None) -> tuple:
-        """(config, dtype name, latents per step, params, stats): encode/decode_chunks' leading args."""
-        return (*self._static, latents_per_step or self.latents_per_step, self.params, self._stats)
+    def jit_args(self, latents_per_step: int | None = None, return_cache: bool = False) -> tuple:
+        """encode/decode_chunks' leading args: (config, dtype name, latents per step, return_cache,
+        params, stats); the clip and the cache follow."""
+        return (*self._static, latents_per_step or self.latents_per_step, return_cache, self.params,
+                self._stats)
 
     def latent_shape(self, clip_shape_thwc: Sequence[int]) -> tuple[int, int, int, int]:
         return self.config.latent_shape(clip_shape_thwc)
@@ -734,7 +740,7 @@ class VideoVAE:
             raise ValueError(f"videos are [B, T, H, W, C]={list(videos_bthwc.shape)}; H and W must be "
                              f"multiples of {s} and C={self.config.in_channels}")
         x, b = self._put(videos_bthwc, "videos")
-        latents, cache = encode_chunks(*self.jit_args(latents_per_step), x, cache)
+        latents, cache = encode_chunks(*self.jit_args(latents_per_step, return_cache), x, cache)
         return (latents[:b], cache) if return_cache else latents[:b]
 
     def decode(self, latents_bthwc, *, cache=None, return_cache: bool = False,
@@ -749,7 +755,7 @@ class VideoVAE:
             raise ValueError(f"latents are {list(latents_bthwc.shape)}; expected [B, T'>0, h, w, "
                              f"{self.config.z_dim}]")
         z, b = self._put(latents_bthwc, "latents")
-        videos, cache = decode_chunks(*self.jit_args(latents_per_step), z, cache)
+        videos, cache = decode_chunks(*self.jit_args(latents_per_step, return_cache), z, cache)
         return (videos[:b], cache) if return_cache else videos[:b]
 
 
