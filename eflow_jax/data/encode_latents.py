@@ -109,13 +109,13 @@ def encode_shard(vae, source, out_dir: str, name: str, indices: Sequence[int], *
     def flush(item):
         nonlocal written
         examples, latents = item
-        for (index, example), latent in zip(examples, np.asarray(latents)[: len(examples)].astype(dtype)):
+        for (index, example), latent in zip(examples, np.asarray(latents)[: len(examples)].astype(dtype), strict=True):
             meta = {"label": int(example["label"]), "clip_index": int(index), **example["meta"]}
             writer.write(pack_record(meta=meta, arrays={"latent": latent}))
         written += len(examples)
 
     batches = _read_ahead(source, list(indices), batch, pool)
-    for group_start, examples in zip(range(0, len(indices), batch), batches):
+    for group_start, examples in zip(range(0, len(indices), batch), batches, strict=True):
         good = [(indices[group_start + j], e) for j, e in enumerate(examples) if e is not None]
         corrupt += [int(indices[group_start + j]) for j, e in enumerate(examples) if e is None]
         if good:

@@ -20,7 +20,9 @@ cache that the next chunk continues from (flax's mutable 'cache' collection here
 a `lax.scan` over chunks); the temporal down/upsamplers skip their time conv in the first chunk and
 carry their own context after it. A zero cache is the same as the zero padding of a clip start,
 so the first chunk and every later one run the same code. Memory therefore grows with the batch
-and the frame size, not with the clip length.
+and the frame size, not with the clip length. Space is not tiled: by the compiled programs'
+memory analysis a 17x480x832 clip needs ~3.8 GiB to encode and ~4.6 GiB to decode in bf16 (mostly
+the decoder's full-resolution conv caches), so a batch of 8 fits an H200 whole (docs/DATA.md).
 
     vae = VideoVAE.load("/models/Wan2.1-T2V-1.3B-Diffusers/vae", dtype=jnp.bfloat16)
     latents = vae.encode(videos_bthwc)        # [-1, 1] -> normalised [B, 1 + (T-1)/4, H/8, W/8, 16]
@@ -707,7 +709,7 @@ class VideoVAE:
 
     # -- the API ---------------------------------------------------------------------------------
 
-    def _put(self, array, what: str):
+    def _put(self, array):
         b = array.shape[0]
         pad = -b % self.batch_multiple
         if pad:  # Repeat the last example: every device gets a full share, one compile per size.
@@ -739,7 +741,7 @@ class VideoVAE:
         if h % s or w % s or c != self.config.in_channels:
             raise ValueError(f"videos are [B, T, H, W, C]={list(videos_bthwc.shape)}; H and W must be "
                              f"multiples of {s} and C={self.config.in_channels}")
-        x, b = self._put(videos_bthwc, "videos")
+        x, b = self._put(videos_bthwc)
         latents, cache = encode_chunks(*self.jit_args(latents_per_step, return_cache), x, cache)
         return (latents[:b], cache) if return_cache else latents[:b]
 
@@ -754,7 +756,7 @@ class VideoVAE:
         if c != self.config.z_dim or t == 0:
             raise ValueError(f"latents are {list(latents_bthwc.shape)}; expected [B, T'>0, h, w, "
                              f"{self.config.z_dim}]")
-        z, b = self._put(latents_bthwc, "latents")
+        z, b = self._put(latents_bthwc)
         videos, cache = decode_chunks(*self.jit_args(latents_per_step, return_cache), z, cache)
         return (videos[:b], cache) if return_cache else videos[:b]
 
