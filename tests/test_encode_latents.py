@@ -166,7 +166,8 @@ def test_cli(clips_dir, vae_dir, tmp_path, capsys):
     encode_latents.main([f"--vae={vae_dir}", f"--data={clips_dir}", f"--out={out}", "--batch=4",
                          "--examples_per_shard=8", "--latents_per_step=2"])
     assert len(sources.LatentSource(out)) == 4 and sources.load_manifest(out)["dtype"] == "float16"
-    assert "done: 4 latents" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "done: 4 latents" in err and "--batch rounded up to 8" in err
     with pytest.raises(SystemExit, match="config.json is missing"):
         encode_latents.main([f"--vae={tmp_path}", f"--data={clips_dir}", f"--out={tmp_path / 'x'}"])
     with pytest.raises(SystemExit, match="manifest.json is missing"):

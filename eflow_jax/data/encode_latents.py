@@ -228,6 +228,9 @@ def encode_dataset(
     if todo:
         if vae is None:
             vae = wan_vae.VideoVAE.load(vae_dir, dtype=settings.compute_dtype, latents_per_step=latents_per_step)
+        if batch % vae.batch_multiple:  # Every device gets a full share (the VAE would pad anyway).
+            batch += vae.batch_multiple - batch % vae.batch_multiple
+            log(f"[encode_latents] --batch rounded up to {batch}, a multiple of the {vae.batch_multiple} devices")
         started, done, last_log = time.perf_counter(), 0, [0.0]
 
         def progress(n: int) -> None:
