@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str, mesh: jax
     """`--mode=eval`: the metric named by config.eval.metric ('fvd' or 'shapes') for a run."""
     metric = config.eval.get("metric", "fvd")
     if metric == "fvd":
-        return run_fvd(config, workdir, out_dir, mesh, decoder=decoder, step=step)
+        return run_fvd(config, workdir, out_dir, mesh, decoder=decoder or sample.pixel_decoder(config), step=step)
     if metric == "shapes":
         return run_shapes(config, workdir, out_dir, mesh, step=step)
     raise ValueError(f"eval.metric must be 'fvd' or 'shapes', got {metric!r}")

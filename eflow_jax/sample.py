@@ -237,6 +237,35 @@ def requests_for(config, sample_cfg, num: int, prompts: Sequence[str] = ()) -> R
     return Requests(labels=labels, text=emb[ids], text_mask=mask[ids], prompts=tuple(prompts), prompt_ids=ids)
 
 
+def vae_dir(config) -> str:
+    """The VAE of a latent run: data.vae, else the one its latents' manifest records."""
+    if config.data.get("vae"):
+        return os.path.expanduser(config.data.vae)
+    from eflow_jax.data import sources
+
+    recorded = sources.load_manifest(config.data.path).get("vae") if config.data.path else None
+    if not recorded:
+        raise ValueError(f"this run trains on latents (data.source='latents') but names no VAE to decode them "
+                         f"with, and {config.data.path or 'data.path'} records none: set --config.data.vae=DIR.")
+    return recorded["dir"]
+
+
+def pixel_decoder(config) -> Callable[[np.ndarray], np.ndarray] | None:
+    """What turns the model's samples into RGB in [-1, 1]: None for pixel runs, the run's VAE decoder
+    (in chunks, loaded once) for latent runs."""
+    if config.data.source != "latents":
+        return None
+    return _vae_decoder(vae_dir(config))
+
+
+@functools.lru_cache(maxsize=2)
+def _vae_decoder(directory: str):
+    from eflow_jax.models import wan_vae
+
+    vae = wan_vae.VideoVAE.load(directory)
+    return functools.partial(wan_vae.decode_to_pixels, vae, chunk=4)
+
+
 def write_requests(out_dir: str, videos: np.ndarray, requests: Requests, seed: int, num_steps: int, fps: int,
                    log: Callable[[str], None] | None = None) -> list[str]:
     """write_videos for `requests`: named by prompt index (and a prompt sheet) for text runs."""
@@ -256,6 +285,8 @@ def run_sample_mode(config, workdir: str, out_dir: str, sample_cfg, mesh) -> lis
     _, net = dit.make_network(config.model)
     params = load_params(workdir, config, mesh, use_ema=s.use_ema, step=None if s.step < 0 else s.step)
     videos = generate(config, net, params, requests, s.num_steps, s.seed, s.batch_size, s, mesh)
+    if (decode := pixel_decoder(config)) is not None:  # Latent runs: watchable videos, via the run's VAE.
+        videos = decode(videos)
     if jax.process_index() != 0:
         return []
     paths = write_requests(out_dir, videos, requests, s.seed, s.num_steps, s.fps)

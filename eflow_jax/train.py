@@ -92,6 +92,10 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     if config.batch_size % dp:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
                          f"(mesh data x fsdp = {dict(mesh.shape)}); change batch_size or config.mesh.")
+    if config.data.source == "latents" and config.data.vae:  # Samples decode with it: the latents must be its.
+        from eflow_jax.data import encode_latents
+
+        encode_latents.check_latents_match_vae(config.data.path, config.data.vae)
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size={config.batch_size} is not divisible by {jax.process_count()} processes.")
     objectives.batch_split(config.objective, config.batch_size)
@@ -338,15 +342,22 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
 
     peak = writers.peak_flops_per_device()
     quality = monitor.QualityMonitor(config, prog.net, prog.mesh)
-    sample_labels = sample.parse_labels("", config.log.num_samples, config.model.num_classes)
+    requests = None  # Made at the first samples: text runs encode their prompts then.
 
     def write_samples(step: int):
+        nonlocal requests
+        if requests is None:  # Text runs: the run's --config.sample.prompt(s), else held-out captions.
+            n = config.log.num_samples
+            captions = pipeline.heldout_captions(config.data, n) if config.model.context_dim else ()
+            requests = sample.requests_for(config, config.sample, config.log.num_samples, captions)
+        decode = sample.pixel_decoder(config)
         for n in config.log.sample_steps:
-            videos = sample.generate(config, prog.net, state.ema_params, sample_labels, n, seed=0,
-                                     batch_size=len(sample_labels))
+            videos = sample.generate(config, prog.net, state.ema_params, requests, n, seed=0,
+                                     batch_size=len(requests))
+            if decode is not None:  # Latent runs: the run's VAE makes them watchable.
+                videos = decode(videos)
             if jax.process_index() == 0:
-                sample.write_videos(rundir.samples_dir(workdir, step), videos,
-                                    sample_labels, 0, n, config.log.fps)
+                sample.write_requests(rundir.samples_dir(workdir, step), videos, requests, 0, n, config.log.fps)
                 from eflow_jax.eval import export
 
                 writer.video_strip(step, f"samples/{n}_step", export.image_strip(videos[0], 8))

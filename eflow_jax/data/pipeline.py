@@ -61,6 +61,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Text-conditioned runs (model.context_dim > 0): the embeddings `python -m eflow_jax.data.embed_text`
     # wrote for data.path ('' = data.path/text_embeddings, its default --out).
     cfg.text_embeddings = ""
+    # Latent runs: the VAE (a diffusers-layout dir, eflow_jax/models/wan_vae.py) that samples are decoded
+    # with; '' = the one the latents' manifest records. Training refuses latents another VAE made.
+    cfg.vae = ""
     return cfg
 
 
@@ -338,6 +341,13 @@ def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.nda
     batch = _ToModelInput(latents=False).map({"video": np.stack([e["video"] for e in items]),
                                               "label": np.stack([e["label"] for e in items])})
     return batch["video"], batch["label"]
+
+
+def heldout_captions(data_cfg: ml_collections.ConfigDict, num: int) -> list[str]:
+    """Captions of the first `num` clips of data.split (prompts for a text run's samples when none are given)."""
+    source = make_source(data_cfg)
+    captions = [str(source[i].get("caption", "")) for i in range(min(num, len(source)))]
+    return [c for c in captions if c.strip()]
 
 
 def _check_text(source, data_cfg, text_shape: tuple[int, int]) -> None:
