@@ -17,6 +17,7 @@ def test_auto_is_the_default_and_follows_cores_and_clip_size():
     big = _data(source="arrayrecord", num_frames=16, resolution=128)  # 768 KiB clips
     assert [pipeline.worker_count(big, cores=n) for n in (1, 2, 3, 6, 10, 64)] == [0, 0, 1, 4, 8, 8]
     small = _data(num_frames=4, resolution=16)  # 3 KiB: in-process on any host
+    assert pipeline.worker_count(_data(num_frames=16, resolution=32), cores=16) == 8  # 48 KiB (shapes.py)
     assert pipeline.worker_count(small, cores=64) == 0
     latents = _data(source="latents", num_frames=5, resolution=32, channels=16)  # float32: 320 KiB
     assert pipeline.worker_count(latents, cores=16) == 8

@@ -53,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.num_examples = 1024  # Synthetic only.
     cfg.random_flip = True  # Horizontal flips (pixel sources only).
     # grain mp_prefetch processes; 0 = decode in the training process; -1 = auto (worker_count below:
-    # none for small clips, else min(8, cores - 2)). An explicit count is used as given.
+    # none for clips under 16 KiB, else min(8, cores - 2)). An explicit count is used as given.
     cfg.worker_count = AUTO_WORKERS
     cfg.read_threads = (
         4  # Threads per process reading + decoding examples (FFmpeg runs without the GIL).
@@ -64,18 +64,18 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 AUTO_WORKERS = -1
-SMALL_CLIP_BYTES = 64 * 1024  # Below this, making a clip in-process beats shipping it from a worker.
+SMALL_CLIP_BYTES = 16 * 1024  # Below this, making a clip in-process beats shipping it from a worker.
 MAX_AUTO_WORKERS = 8
 
 
 def worker_count(data_cfg: ml_collections.ConfigDict, cores: int | None = None) -> int:
     """data.worker_count, with -1 ('auto', the default) resolved for this host.
 
-    auto: 0 for clips under 64 KiB as the model sees them (the demo's and the tests' 4x16x16 clips:
-    3 KiB; starting processes costs seconds and each example a pickle), else min(8, cores - 2),
+    auto: 0 for clips under 16 KiB as the model sees them (the demo's 4x16x16 clips, 3 KiB, and the
+    tests'; starting processes costs seconds and each example a pickle), else min(8, cores - 2),
     where cores are those this process may run on: two stay free for the training loop's thread and
     the runtime, so a 2-core machine decodes in-process. Eight workers kept EFlow-B's step fed on an
-    H200 host (docs/BENCHMARKS.md); `python -m eflow_jax.bench.data --demand` shows clips/s per
+    H200 host (docs/BENCHMARKS.md); `python -m eflow_jax.bench.data --cases=demand` shows clips/s per
     worker count against the step's demand. With several training processes on one host, each
     starts its own workers: set the count explicitly there.
     """
