@@ -259,7 +259,8 @@ def _seg(op_name: str, name: str) -> bool:
     return f"/{name}/" in op_name + "/"
 
 
-def region_of(op_name: str, frames: tuple[str, ...]) -> str:
+def region_of(op_name: str, frames: tuple[str, ...], train_step: bool = True) -> str:
+    """train_step=False (a sampler, say): ops outside the network are 'other', not 'optimizer'."""
     op = op_name.split(";")[0]
     if not op:
         return "other"
@@ -278,7 +279,7 @@ def region_of(op_name: str, frames: tuple[str, ...]) -> str:
         return "optimizer"
     if "to_model_input" in frames or _is_rng(op, frames):
         return "other"
-    if op.startswith("jit(") and "/" in op:  # The step's top level after the gradient.
+    if train_step and op.startswith("jit(") and "/" in op:  # The step's top level after the gradient.
         return "optimizer"
     return "other"
 
@@ -334,7 +335,7 @@ def classify(index: HloIndex, hlo_op: str) -> dict:
                     frames=(), opcode="")
     rep, kind = representative(index, ins)
     op_name = param_scope(rep.op_name) or borrowed_name(index, rep) or borrowed_name(index, ins)
-    region = region_of(op_name, rep.frames)
+    region = region_of(op_name, rep.frames, "train_step" in index.module)
     family = family_of(op_name, rep.frames, kind, region)
     op = op_name.split(";")[0]
     pass_ = "bwd" if "transpose(" in op else "fwd" if "jvp(" in op else "step"
