@@ -78,11 +78,11 @@ SUITES = {
                  cell=(1, 4, 4), batch=16, settings=("soflow_dense", "eflow")),
 }
 # The ablation at the kinetics geometry (2048 tokens, batch 32): EFlow-B (2/8/2 blocks), and EFlow-L
-# (2/20/2: a deeper token-dropped middle, where the paper's 2.5x should show). L times its two ends
+# (2/20/2: a deeper token-dropped middle, where the paper's 2.5x should show). Both time the two ends
 # first, so that a time budget (--budget_s) still leaves the EFlow / SoFlow ratio.
 _GEOMETRY = {k: v for k, v in SUITES["kinetics"].items() if k not in ("variant", "settings")}
 SUITES |= {
-    "ablation": dict(_GEOMETRY, variant="B", settings=ABLATION),
+    "ablation": dict(_GEOMETRY, variant="B", settings=(ABLATION[0], ABLATION[-1], *ABLATION[1:-1])),
     "ablation_L": dict(_GEOMETRY, variant="L", settings=(ABLATION[0], ABLATION[-1], *ABLATION[1:-1])),
     "ablation_tiny": dict(SUITES["tiny"], settings=ABLATION),  # CPU smoke run of the rows.
 }
@@ -192,6 +192,8 @@ def predictions(rows: list[dict], reference: str) -> None:
 
 
 def ablation_markdown(rows: list[dict], title: str) -> str:
+    order = {name: i for i, name in enumerate(ABLATION)}
+    rows = sorted(rows, key=lambda r: order.get(r["setting"], len(order)))
     out = [f"### {title}", "",
            "| row | objective | mode | decoupled | ex/s | predicted ex/s | measured / predicted | back-to-back "
            "ex/s (ratio) | GFLOP / example | F / example | MFU | compile s |",
@@ -203,10 +205,11 @@ def ablation_markdown(rows: list[dict], title: str) -> str:
             continue
         pred = r.get("predicted_examples_per_s")
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-        out.append(f"| {r['setting']} | {r['objective']} | {r['mode']} | {r['decoupled']} | "
+        out.append(f"| {r['setting']} | {r.get('objective', '')} | {r.get('mode', '')} | {r.get('decoupled', '')} | "
                    f"{r['examples_per_s']:.1f} | {pred or 0:.1f} | {r.get('measured_over_predicted', 0):.3f} | "
                    f"{r['pipelined_examples_per_s']:.1f} ({r.get('pipelined_measured_over_predicted', 0):.3f}) | "
-                   f"{r['gflop_per_example']:.4g} | {r['forward_equivalents']:.2f} | {mfu} | {r['compile_s']:.0f} |")
+                   f"{r['gflop_per_example']:.4g} | {r.get('forward_equivalents', 0):.2f} | {mfu} | "
+                   f"{r.get('compile_s', 0):.0f} |")
     timed = [r for r in rows if "examples_per_s" in r]
     if len(timed) >= 2 and timed[0].get("speedup_vs_reference") is not None:
         last = max(timed, key=lambda r: ABLATION.index(r["setting"]) if r["setting"] in ABLATION else -1)
@@ -270,8 +273,22 @@ def main() -> None:
                        shape=list(c.model.video_shape), drop_ratio=0.75 if drop else 0.0)
             print(json.dumps(row | time_model(c, drop, a.iters)), flush=True)
         return
-    start, md, reports = time.perf_counter(), [], {}
+    start, tables, profiles, reports = time.perf_counter(), {}, [], {}
     compile_seen: dict[str, float] = {}  # variant -> compile seconds of its last row (for the budget)
+
+    def report_so_far(final: bool) -> None:
+        """The markdown of the rows so far: rewritten after every row, so a run cut short keeps it."""
+        text = "\n".join([*tables.values(), *profiles])
+        if final and text:
+            print(text, file=sys.stderr, flush=True)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(text)
+        if a.profile_ops and reports:
+            from eflow_jax.bench import profile
+
+            profile.write_ops(a.profile_ops, reports)
+
     for suite_name in a.suite.split(","):
         suite = dict(SUITES[suite_name])
         if a.batch:
@@ -280,6 +297,7 @@ def main() -> None:
             suite["variant"] = a.variant
         chosen = [s for s in (a.settings.split(",") if a.settings else suite["settings"]) if s]
         profiled = set(chosen if a.profile == "all" else a.profile.split(",")) if a.profile else set()
+        title = f"{suite_name}: {suite['variant']}, {device}, batch {suite['batch']}, {list(suite['video_shape'])}"
         rows = []
         for setting in chosen:
             c = build(suite, setting, a.dtype, a.remat)
@@ -303,28 +321,21 @@ def main() -> None:
                 report = reports[f"{suite_name}/{setting}"] = row.pop("profile")
                 for line in profile.json_rows(report, suite=suite_name, setting=setting, variant=c.model.variant):
                     print(json.dumps(line), flush=True)
-                md.append(profile.markdown(report, f"{suite_name} / {setting} ({c.objective.name}, "
-                                                   f"{c.model.variant}, batch {c.batch_size}, {device})"))
+                profiles.append(profile.markdown(report, f"{suite_name} / {setting} ({c.objective.name}, "
+                                                         f"{c.model.variant}, batch {c.batch_size}, {device})"))
             rows.append(row)
+            row["elapsed_s"] = round(time.perf_counter() - start, 1)
             print(json.dumps(row), flush=True)
+            if suite_name.startswith("ablation"):
+                predictions(rows, ABLATION[0])
+                tables[suite_name] = ablation_markdown(rows, title)
+            report_so_far(final=False)
         if suite_name.startswith("ablation"):
-            predictions(rows, ABLATION[0])
             for r in rows:
                 if "predicted_examples_per_s" in r:
                     print(json.dumps(dict(bench="ablation", **{k: r[k] for k in _ABLATION_KEYS if k in r})),
                           flush=True)
-            md.insert(0, ablation_markdown(rows, f"{suite_name}: {suite['variant']}, {device}, "
-                                                 f"batch {suite['batch']}, {list(suite['video_shape'])}"))
-    text = "\n".join(md)
-    if text:
-        print(text, file=sys.stderr, flush=True)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(text)
-    if a.profile_ops and reports:
-        from eflow_jax.bench import profile
-
-        profile.write_ops(a.profile_ops, reports)
+    report_so_far(final=True)
 
 
 _ABLATION_KEYS = ("suite", "setting", "variant", "objective", "mode", "decoupled", "token_drop", "guidance", "mva",
