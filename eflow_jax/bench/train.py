@@ -274,7 +274,7 @@ def main() -> None:
             print(json.dumps(row | time_model(c, drop, a.iters)), flush=True)
         return
     start, tables, profiles, reports = time.perf_counter(), {}, [], {}
-    compile_seen: dict[str, float] = {}  # variant -> compile seconds of its last row (for the budget)
+    compile_seen: dict[str, float] = {}  # variant -> its longest compile so far (for the budget)
 
     def report_so_far(final: bool) -> None:
         """The markdown of the rows so far: rewritten after every row, so a run cut short keeps it."""
@@ -312,7 +312,7 @@ def main() -> None:
             else:
                 try:
                     row |= time_train_step(c, a.iters, a.profile_steps if setting in profiled else 0)
-                    compile_seen[c.model.variant] = row["compile_s"]
+                    compile_seen[c.model.variant] = max(compile_seen.get(c.model.variant, 0.0), row["compile_s"])
                 except Exception as e:  # noqa: BLE001 (report OOM etc. as a row, keep going)
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if "profile" in row:
@@ -345,7 +345,7 @@ _ABLATION_KEYS = ("suite", "setting", "variant", "objective", "mode", "decoupled
 
 
 def _row_estimate_s(compile_seen: dict[str, float], variant: str, profiled: bool) -> float:
-    """Seconds a row will take: the last compile of its variant (else of another, scaled by depth),
+    """Seconds a row will take: the longest compile of its variant (else of another, scaled by depth),
     plus timing and, if traced, profiling."""
     if variant in compile_seen:
         compile_s = compile_seen[variant]
