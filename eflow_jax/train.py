@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -257,7 +258,13 @@ class Program:
         start = time.perf_counter()
         logging.info("%s while the dense fine-tune's program compiles in the background (started %.0fs ago): "
                      "waiting for it", why, start - self._background["started"])
-        thread.join()
+        try:
+            thread.join()
+        except KeyboardInterrupt:  # Ctrl-C during the wait: leave now. Unwinding with the compile in flight
+            # would crash the interpreter's exit; what the run had to save is saved (train_and_evaluate).
+            logging.warning("interrupted while the dense program compiles: exiting without waiting for it")
+            logging.flush()
+            os._exit(128 + signal.SIGINT)
         return time.perf_counter() - start
 
     def mean_flops_per_step(self, after: int, upto: int) -> float:

@@ -131,3 +131,19 @@ def test_sigterm_while_the_dense_program_compiles_saves_waits_and_exits_zero(tmp
     assert len(saved) == 1 and saved[0] < 200
     last = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
     assert last["step"] == saved[0]
+
+
+def test_ctrl_c_during_the_exit_wait_leaves_at_once(monkeypatch):
+    class Compiling:  # A compile that a Ctrl-C interrupts the wait for.
+        def is_alive(self):
+            return True
+
+        def join(self):
+            raise KeyboardInterrupt
+
+    prog = _program(lambda: "dense")
+    prog._background.update(thread=Compiling(), started=time.perf_counter())
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    prog.wait_background()
+    assert exits == [128 + signal.SIGINT]
