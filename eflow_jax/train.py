@@ -221,20 +221,24 @@ class Program:
         if "dense" not in self._compiled:
             if self._background:
                 waited = self.wait_background(why="the dense fine-tune starts")
-                if "error" in self._background:
-                    raise self._background["error"]
                 if waited > 1.0:
                     logging.info("the dense fine-tune's program was still compiling: the switch waited %.1fs",
                                  waited)
+            if "result" in self._background:
                 self._compiled["dense"] = self._background["result"]
-            else:
+            else:  # No background compile, or it failed (beside a running step, e.g. out of memory for
+                # XLA's autotuning): compile now, between steps, as without one.
+                if "error" in self._background:
+                    logging.warning("compiling the dense fine-tune's program in the background failed (%s: %s); "
+                                    "compiling it now", type(self._background["error"]).__name__,
+                                    self._background["error"])
                 self._compiled["dense"] = self.compile_dense()
         return self._compiled["dense"]
 
     def compile_dense_in_background(self) -> bool:
         """Starts compiling (or loading) the dense program in a daemon thread; False if there is none
-        or it is already compiled or started. step_for past the switch waits for it and re-raises a
-        compile error there; train_and_evaluate waits for it before returning (wait_background)."""
+        or it is already compiled or started. step_for past the switch waits for it (and compiles
+        again there if it failed); train_and_evaluate waits for it before returning (wait_background)."""
         if self.compile_dense is None or "dense" in self._compiled or self._background:
             return False
 
