@@ -6,7 +6,10 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
+import threading
+import time
 from typing import Any
 
 import jax
@@ -23,6 +26,7 @@ from eflow_jax.models import dit
 
 # The first of either saves at the next step boundary and exits 0; a second SIGINT quits at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DENSE_COMPILE = ("background", "at_switch")
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -38,6 +42,10 @@ def train_config() -> ml_collections.ConfigDict:
         # '' turns it off.
         compile_cache_dir="auto",
         device_prefetch=2,  # Batches put on the device ahead of the step (host->device overlaps it).
+        # The dense fine-tune's program (objective.dense_finetune_frac): 'background' compiles it in a
+        # thread once the first step is dispatched, so the run does not pause at the switch;
+        # 'at_switch' compiles it when the switch comes (the run pauses for one compile there).
+        dense_compile="background",
     ))
 
 
@@ -83,6 +91,8 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     if config.checkpoint.restore_step < -1:
         raise ValueError(f"checkpoint.restore_step={config.checkpoint.restore_step}: use -1 (the latest "
                          f"checkpoint) or a committed step of the workdir.")
+    if config.train.dense_compile not in DENSE_COMPILE:
+        raise ValueError(f"train.dense_compile={config.train.dense_compile!r}; use one of {DENSE_COMPILE}.")
     dit.layout_of(config.model)
     objectives.validate_config(config.objective)
     optim.validate_config(config.optim)
@@ -197,13 +207,16 @@ class Program:
     compile_source: str  # 'executable' (loaded whole), 'xla_cache' (traced, XLA skipped) or 'compiled'.
     save_s: float  # Writing the fresh executable to the compile cache (part of compile_s).
     flops_per_step: float  # Of `step` (the token-dropped phase when there is a dense fine-tune).
-    # SPRINT's dense fine-tune (objective.dense_finetune_frac): loop steps > dense_from run the dense program,
-    # compiled lazily by the first step_for past the switch. Lazily: runs that stop (or are preempted)
-    # before the switch never pay its compile; at the switch it costs one compile (cached across restarts).
+    # SPRINT's dense fine-tune (objective.dense_finetune_frac): loop steps > dense_from run the dense program.
+    # The loop starts its compile in a background thread once the first step is dispatched
+    # (compile_dense_in_background, train.dense_compile='background'), so the run does not pause at the
+    # switch; otherwise the first step_for past the switch compiles it. Either way it is the same
+    # program (compile_step(dense=True), through the compile cache), so the losses do not change.
     dense_from: int = 0  # = total_steps when there is no dense phase.
     dense_flops_per_step: float = 0.0
     compile_dense: Any = None  # () -> compiled dense step; None without a dense phase.
     _compiled: dict = dataclasses.field(default_factory=dict)
+    _background: dict = dataclasses.field(default_factory=dict)  # thread, started, result or error
 
     def init_state(self, seed: int) -> state_lib.TrainState:
         return state_lib.create_state(self.model, self.tx, self.mesh, seed, self.state_shardings)
@@ -213,8 +226,57 @@ class Program:
         if step <= self.dense_from or self.compile_dense is None:
             return self.step
         if "dense" not in self._compiled:
-            self._compiled["dense"] = self.compile_dense()
+            if self._background:
+                waited = self.wait_background(why="the dense fine-tune starts")
+                if waited > 1.0:
+                    logging.info("the dense fine-tune's program was still compiling: the switch waited %.1fs",
+                                 waited)
+            if "result" in self._background:
+                self._compiled["dense"] = self._background["result"]
+            else:  # No background compile, or it failed (beside a running step, e.g. out of memory for
+                # XLA's autotuning): compile now, between steps, as without one.
+                if "error" in self._background:
+                    logging.warning("compiling the dense fine-tune's program in the background failed (%s: %s); "
+                                    "compiling it now", type(self._background["error"]).__name__,
+                                    self._background["error"])
+                self._compiled["dense"] = self.compile_dense()
         return self._compiled["dense"]
+
+    def compile_dense_in_background(self) -> bool:
+        """Starts compiling (or loading) the dense program in a daemon thread; False if there is none
+        or it is already compiled or started. step_for past the switch waits for it (and compiles
+        again there if it failed); train_and_evaluate waits for it before returning (wait_background)."""
+        if self.compile_dense is None or "dense" in self._compiled or self._background:
+            return False
+
+        def run():
+            try:
+                self._background["result"] = self.compile_dense()
+            except BaseException as e:  # noqa: BLE001 - raised at the switch (step_for), logged at exit.
+                self._background["error"] = e
+
+        thread = threading.Thread(target=run, name="compile-dense-program", daemon=True)
+        self._background.update(thread=thread, started=time.perf_counter())
+        thread.start()
+        logging.info("compiling the dense fine-tune's program (steps > %d) in the background", self.dense_from)
+        return True
+
+    def wait_background(self, why: str = "the run ends") -> float:
+        """Waits for a background compile still running (XLA cannot stop one); returns seconds waited."""
+        thread = self._background.get("thread")
+        if thread is None or not thread.is_alive():
+            return 0.0
+        start = time.perf_counter()
+        logging.info("%s while the dense fine-tune's program compiles in the background (started %.0fs ago): "
+                     "waiting for it", why, start - self._background["started"])
+        try:
+            thread.join()
+        except KeyboardInterrupt:  # Ctrl-C during the wait: leave now. Unwinding with the compile in flight
+            # would crash the interpreter's exit; what the run had to save is saved (train_and_evaluate).
+            logging.warning("interrupted while the dense program compiles: exiting without waiting for it")
+            logging.flush()
+            os._exit(128 + signal.SIGINT)
+        return time.perf_counter() - start
 
     def mean_flops_per_step(self, after: int, upto: int) -> float:
         """Mean FLOPs of loop steps after+1..upto (a log window may straddle the switch)."""
@@ -301,19 +363,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     except (ValueError, FileNotFoundError) as e:
         raise rundir.ConfigError(str(e)) from e
     rundir.check_model_config(workdir, config)
-    # Unwound in reverse on any exit: writers, checkpointer (awaits its save), signal handlers, lock.
-    with contextlib.ExitStack() as closing:
-        closing.enter_context(rundir.WorkdirLock(workdir, enabled=jax.process_index() == 0))
-        guard = closing.enter_context(checkpoint.PreemptionGuard(STOP_SIGNALS))
-        # ---- Input: uint8 batches; its worker processes start while the step compiles ----
-        data_iter = pipeline.make_train_iterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(), float_video=False,
-            text=config.model.context_dim > 0)
-        closing.callback(getattr(data_iter, "close", lambda: None))
-        with loop.workers_started_early(data_iter, enabled=config.data.worker_count > 0):
-            prog = setup(config)
-        return _train(config, workdir, prog, data_iter, guard, closing)
+    prog = None
+    try:
+        # Unwound in reverse on any exit: writers, checkpointer (awaits its save), signal handlers, lock.
+        with contextlib.ExitStack() as closing:
+            closing.enter_context(rundir.WorkdirLock(workdir, enabled=jax.process_index() == 0))
+            guard = closing.enter_context(checkpoint.PreemptionGuard(STOP_SIGNALS))
+            # ---- Input: uint8 batches; its worker processes start while the step compiles ----
+            data_iter = pipeline.make_train_iterator(
+                config.data, global_batch_size=config.batch_size, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count(), float_video=False,
+                text=config.model.context_dim > 0)
+            closing.callback(getattr(data_iter, "close", lambda: None))
+            with loop.workers_started_early(data_iter, enabled=pipeline.worker_count(config.data) > 0):
+                prog = setup(config)
+            return _train(config, workdir, prog, data_iter, guard, closing)
+    finally:
+        # A run that stops before the switch (stop signal, stop_at_step, an error) while the dense
+        # program still compiles: everything above is saved and closed (the lock too); XLA cannot stop
+        # a compile, and jax's exit handler would end a process whose compile is running with status -1,
+        # so the process waits for it here (at most one compile; a second Ctrl-C still quits at once).
+        if prog is not None:
+            prog.wait_background()
 
 
 def _train(config, workdir: str, prog: Program, data_iter, guard, closing: contextlib.ExitStack
@@ -378,6 +449,8 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                 batch = next(batches)
             with clock.wait("device"):  # Returns at once unless the device queue is full.
                 state, metrics = prog.step_for(step)(state, batch)  # The dense fine-tune past the switch.
+            if step == start_step + 1 and _compiles_dense_ahead(config, prog, step):
+                prog.compile_dense_in_background()  # After the first dispatch: step 1 is not delayed.
             sums.add(metrics)
             if config.log.profile_start and step == config.log.profile_start + config.log.profile_steps:
                 jax.profiler.stop_trace()
@@ -427,6 +500,14 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
     if quality.last_summary:  # The run's result, as its last line (the demo's README points to it).
         logging.info("%s", quality.last_summary)
     return state
+
+
+def _compiles_dense_ahead(config, prog: Program, step: int) -> bool:
+    """Whether to compile the dense program ahead: there is a dense phase still to come, this run
+    reaches it (train.stop_at_step), and train.dense_compile asks for it."""
+    if config.train.dense_compile != "background" or prog.compile_dense is None or step > prog.dense_from:
+        return False
+    return not (0 < config.train.stop_at_step <= prog.dense_from)
 
 
 def _fmt(v, spec: str = "{:.1%}") -> str:

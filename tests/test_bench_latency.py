@@ -47,3 +47,20 @@ def test_bad_geometry_names_the_field_before_building():
                                "--tile=3,4,4"])
     with pytest.raises(ValueError, match="model.tile"):
         latency.model_config(args, "glga")
+
+
+def test_profiled_rows_break_the_sampler_down_and_command_buffer_flags(capsys, monkeypatch):
+    latency.main(["--tiny", "--profile=1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    summary = next(r for r in rows if r["bench"] == "profile_summary")
+    assert summary["method"] == "eflow_1step" and summary["matched_frac"] > 0.99 and summary["busy_frac"] > 0
+    regions = {r["key"] for r in rows if r.get("bench") == "profile" and r["table"] == "region"}
+    assert {"encoder", "middle", "decoder"} <= regions and "optimizer" not in regions  # A sampler: no update.
+    timed = [r for r in rows if "median_ms" in r]
+    assert [r["method"] for r in timed] == ["eflow_1step", "euler2_cfg", "euler2_pdg"]
+    assert all(0 < r["dispatch_ms"] <= r["median_ms"] for r in timed)
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    assert latency.set_command_buffers("default") == "--xla_foo=1"
+    flags = latency.set_command_buffers("loops")
+    assert flags.startswith("--xla_foo=1 --xla_gpu_enable_command_buffer=") and "WHILE,CONDITIONAL" in flags

@@ -41,6 +41,7 @@ from absl import logging
 
 from eflow_jax import config_file, rundir, train
 from eflow_jax.bench import train as bench_train
+from eflow_jax.data import pipeline
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
     device = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     common = dict(device=device, devices=jax.device_count(), variant=c.model.variant, batch=c.batch_size,
                   shape=list(c.model.video_shape), objective=c.objective.name, source=c.data.source,
-                  worker_count=c.data.worker_count, scan_layers=c.model.scan_layers, remat=c.model.remat)
+                  worker_count=pipeline.worker_count(c.data), scan_layers=c.model.scan_layers, remat=c.model.remat)
     emit(dict(phase="config", root=root, **common))
 
     cli = run_cli(c, os.path.join(root, "cli_run"))
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
         path = bench_data.prepare_bench_dataset(bench_data.real_video_paths(), root, size)
         c.data.update(source="arrayrecord", path=path, num_frames=t, resolution=size)
         run = run_cli(c, os.path.join(root, "cli_arrayrecord_run"))
-        emit(dict(phase="cli_arrayrecord", path=path, worker_count=c.data.worker_count, **run))
+        emit(dict(phase="cli_arrayrecord", path=path, worker_count=pipeline.worker_count(c.data), **run))
         ar = dict(arrayrecord_examples_per_s=run["examples_per_s"],
                   arrayrecord_over_bench=run["examples_per_s"] / bench["examples_per_s"],
                   arrayrecord_over_pipelined=run["examples_per_s"] / bench["pipelined_examples_per_s"],

@@ -8,6 +8,16 @@ Cases:
   loader   training clips/s out of make_train_iterator (shuffle, temporal crop, flip, batch,
            float32) for 16x64x64 and 16x128x128 clips from a prepared ArrayRecord dataset built in a
            temp dir, with 0, 2 and all-core grain workers. `startup_s`: wait for the first batch.
+  demand   (--cases=demand) per shipped config (configs/kinetics.py, configs/shapes.py, or --configs),
+           its own input pipeline as the training loop runs it (uint8, the config's source, clip shape
+           and augmentation; kinetics' ArrayRecord path replaced by clips prepared here), at each
+           --workers count (0..N and 'auto', data.worker_count=-1 resolved on this host), beside the
+           step's demand: examples/s of the train step, from --demand (config=ex/s) or a bench.train
+           JSONL (--demand_from, --demand_setting), else the H200 numbers in DEMAND. `keeps_up` =
+           clips/s >= demand; `headroom` = clips/s / demand.
+
+  python -m eflow_jax.bench.data --cases=demand --workers=0,2,4,8,auto
+  python -m eflow_jax.bench.data --cases=demand --demand_from=ablation.jsonl --demand_setting=abl5_mva_eflow
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import tempfile
 import time
 import zlib
 
+import ml_collections
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
@@ -213,14 +224,14 @@ def prepare_bench_dataset(paths: list[str], tmp: str, size: int, num_records: in
     return out
 
 
-def _loader_rate(cfg, batch_size: int, seconds: float) -> tuple[float, float]:
+def _loader_rate(cfg, batch_size: int, seconds: float, float_video: bool = True) -> tuple[float, float]:
     """(seconds to the first batch, clips/s after it) of make_train_iterator."""
     start = time.perf_counter()
-    it = pipeline.make_train_iterator(cfg, global_batch_size=batch_size, seed=0)
+    it = pipeline.make_train_iterator(cfg, global_batch_size=batch_size, seed=0, float_video=float_video)
     next(it)
     startup = time.perf_counter() - start
     rate = _rate(lambda: next(it), seconds) * batch_size
-    if cfg.worker_count:
+    if pipeline.worker_count(cfg):
         it.close()
     return startup, rate
 
@@ -254,6 +265,62 @@ def bench_loader(paths: list[str], seconds: float, sizes=(64, 128), batch_size: 
                 )
 
 
+# The train step's examples/s that the loader must keep up with, per shipped config (one H200):
+# kinetics.py: EFlow-B 16x128x128, batch 32, back-to-back bench step 346.7 ex/s (docs/BENCHMARKS.md,
+# "The training CLI against its own step, re-timed"); at the issue's 40% MFU target it would be ~500.
+# shapes.py: EFlow-S 16x32x32, batch 128, ~56 ms per step (configs/shapes.py): 2286 ex/s.
+DEMAND = {"kinetics.py": 346.7, "shapes.py": 2286.0}
+DEMAND_CONFIGS = ("kinetics.py", "shapes.py")
+
+
+def _demand_for(name: str, given: dict[str, float], rows_file: str, setting: str) -> tuple[float | None, str]:
+    """(examples/s, where it came from) for config file `name`."""
+    if name in given:
+        return given[name], "--demand"
+    if rows_file:
+        with open(rows_file) as f:
+            rows = [json.loads(line) for line in f if line.strip().startswith("{")]
+        for r in rows:
+            if r.get("setting") == setting and r.get("pipelined_examples_per_s"):
+                return float(r["pipelined_examples_per_s"]), f"{rows_file}:{setting} (back to back)"
+    return DEMAND.get(name), "bench.data.DEMAND (H200)"
+
+
+def bench_demand(configs: list[str], workers: list[str], seconds: float, given: dict[str, float],
+                 rows_file: str = "", setting: str = "abl5_mva_eflow", batch: int = 0,
+                 videos_dir: str | None = None) -> list[dict]:
+    """The loader of each config at each worker count, against the step's demand (JSON lines)."""
+    from eflow_jax import config_file
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in configs:
+            path, _, arg = spec.partition(":")
+            c = config_file.load(path if os.path.sep in path else config_file.in_repo(path), arg or None)
+            name = os.path.basename(path)
+            data = c.data
+            if data.source == "arrayrecord":  # The config's dataset is not here: real clips, prepared.
+                data.path = prepare_bench_dataset(real_video_paths(videos_dir), tmp, data.resolution)
+            demand, source = _demand_for(name, given, rows_file, setting)
+            global_batch = batch or min(c.batch_size, 64)
+            for w in workers:
+                cfg = ml_collections.ConfigDict(data.to_dict())
+                cfg.worker_count = pipeline.AUTO_WORKERS if w == "auto" else int(w)
+                resolved = pipeline.worker_count(cfg)
+                startup, rate = _loader_rate(cfg, global_batch, seconds, float_video=False)
+                row = dict(case="demand", config=spec, source=data.source,
+                           clip=f"{data.num_frames}x{data.resolution}x{data.resolution}x{data.channels}",
+                           workers=w, resolved_workers=resolved, config_workers=int(c.data.worker_count),
+                           batch=global_batch, clips_per_s=round(rate, 1), startup_s=round(startup, 1),
+                           demand_ex_per_s=demand, demand_source=source,
+                           keeps_up=None if demand is None else rate >= demand,
+                           headroom=None if not demand else round(rate / demand, 2),
+                           cpu_count=os.cpu_count())
+                _emit(**row)
+                out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="Measuring time per case.")
@@ -263,6 +330,13 @@ def main() -> None:
     )
     parser.add_argument("--cases", default="storage,loader", help="Which cases to run.")
     parser.add_argument("--loader_sizes", default="64,128", help="Clip sizes of the loader case.")
+    parser.add_argument("--configs", default=",".join(DEMAND_CONFIGS),
+                        help="demand case: config files (configs/ names or paths, ':arg' allowed).")
+    parser.add_argument("--workers", default="0,1,2,4,8,auto", help="demand case: worker counts.")
+    parser.add_argument("--demand", default="", help="demand case: 'kinetics.py=500,shapes.py=2000' (ex/s).")
+    parser.add_argument("--demand_from", default="", help="demand case: bench.train JSON lines to read it from.")
+    parser.add_argument("--demand_setting", default="abl5_mva_eflow", help="The row of --demand_from to use.")
+    parser.add_argument("--batch", type=int, default=0, help="demand case: batch (default: the config's, <= 64).")
     args = parser.parse_args()
     paths = real_video_paths(args.videos_dir)
     cases = args.cases.split(",")
@@ -271,6 +345,10 @@ def main() -> None:
     if "loader" in cases:
         sizes = (64,) if args.quick else tuple(int(v) for v in args.loader_sizes.split(","))
         bench_loader(paths, args.seconds, sizes=sizes)
+    if "demand" in cases:
+        given = {k: float(v) for k, v in (item.split("=") for item in args.demand.split(",") if item)}
+        bench_demand([c for c in args.configs.split(",") if c], [w for w in args.workers.split(",") if w],
+                     args.seconds, given, args.demand_from, args.demand_setting, args.batch, args.videos_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,18 @@ so end_to_end_ms = median_ms; for latents it is null (add the VAE decode).
 Stdout carries one JSON line per row and nothing else:
   {variant, shape, batch, method, nfe, median_ms, p10_ms, p90_ms, speedup_vs_cfg50, ...}
 `speedup_vs_cfg50` is the CFG row's median over this row's (same batch); with --euler_steps other
-than 50 it compares with that CFG row.
+than 50 it compares with that CFG row. `dispatch_ms`: median time for the call to return before the
+result is ready (host work per call); each row records the XLA_FLAGS it ran under.
+
+Batch-1 latency (docs/BENCHMARKS.md, "Batch-1 latency"): a 1-step EFlow-B sample is one network
+pass of ~366 GFLOP (2048 tokens), so at batch 1 the GPU runs hundreds of small kernels per pass.
+Per-call overheads to test, each a flag here (rows of one process share one setting; compare runs):
+  --command_buffers=default|off|loops   XLA's CUDA graphs: off, the default set, or the default set
+                                        plus WHILE/CONDITIONAL (the N-step sampler loop in the graph)
+                                        and graphs of any size (--xla_gpu_graph_min_graph_size=1);
+  --profile=K                           trace K calls of each EFlow row (bench/profile.py): device
+                                        time by op family, kernels per call, and busy_frac (device
+                                        time / wall time: gaps between kernels are what is left).
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -44,6 +57,21 @@ TINY = dict(variant="tiny", video_shape="4,16,16,3", patch="1,4,4", tile="2,4,4"
             param_dtype="float32", num_classes=4, fast_compile=True)
 # XLA CPU compile options for the smoke run: halves compile time, irrelevant for a smoke timing.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# XLA_FLAGS for --command_buffers (read when the backend starts: set before any device is used).
+_DEFAULT_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+COMMAND_BUFFER_FLAGS = {
+    "default": "",
+    "off": "--xla_gpu_enable_command_buffer=",
+    "loops": f"--xla_gpu_enable_command_buffer={_DEFAULT_COMMANDS},WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+}
+
+
+def set_command_buffers(mode: str) -> str:
+    """Appends --command_buffers' XLA flags to XLA_FLAGS (before the backend starts); returns XLA_FLAGS."""
+    flags = COMMAND_BUFFER_FLAGS[mode]
+    if flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    return os.environ.get("XLA_FLAGS", "")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -99,22 +127,34 @@ def euler_fns(net, steps: int, scale: float) -> dict[str, tuple]:
             f"euler{steps}_pdg": (euler("path_drop"), 2 * steps, steps, "euler", "path_drop")}
 
 
-def time_fn(fn: Callable, args: tuple, runs: int, warmup: int, compiler_options=None) -> dict:
-    """Compiles once, runs `warmup` untimed calls, then `runs` timed calls (block_until_ready)."""
+def time_fn(fn: Callable, args: tuple, runs: int, warmup: int, compiler_options=None,
+            profile_calls: int = 0) -> dict:
+    """Compiles once, runs `warmup` untimed calls, then `runs` timed calls (block_until_ready).
+
+    profile_calls > 0: then traces that many calls (bench/profile.py); the report is under 'profile'."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile(compiler_options)
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
-    times = []
+    times, dispatch = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        out = compiled(*args)
+        dispatch.append(1e3 * (time.perf_counter() - start))
+        jax.block_until_ready(out)
         times.append(1e3 * (time.perf_counter() - start))
     p10, median, p90 = np.percentile(times, [10, 50, 90])
-    return dict(median_ms=round(float(median), 3), p10_ms=round(float(p10), 3),
-                p90_ms=round(float(p90), 3), runs=runs, compile_s=round(compile_s, 2),
-                cudnn_attention_calls=compiled.as_text().count("__cudnn$fmha"))
+    row = dict(median_ms=round(float(median), 3), p10_ms=round(float(p10), 3),
+               p90_ms=round(float(p90), 3), runs=runs, compile_s=round(compile_s, 2),
+               dispatch_ms=round(float(np.median(dispatch)), 3),
+               cudnn_attention_calls=compiled.as_text().count("__cudnn$fmha"))
+    if profile_calls:
+        from eflow_jax.bench import profile
+
+        row["profile"] = profile.profile_compiled(compiled, lambda: compiled(*args), profile_calls)
+        row["profile"]["summary"]["step_ms"] = row["median_ms"]
+    return row
 
 
 def flops_per_sample(flops: dit.FlopCount, nfe: int, weak_nfe: int) -> float:
@@ -156,13 +196,17 @@ def run(args) -> list[dict]:
                            param_dtype=args.param_dtype, device=device, token_drop=False,
                            end_to_end=("= denoise: pixel space, no decoder" if pixels
                                        else "not timed: add the VAE decode to median_ms"))
+                row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
                 try:
                     inputs = (params, noise, labels, jax.random.key(3))
-                    timing = time_fn(fn, inputs, args.runs, args.warmup, options)
+                    traced = args.profile if role == "few_step" else 0
+                    timing = time_fn(fn, inputs, args.runs, args.warmup, options, traced)
                 except Exception as e:  # noqa: BLE001 (an OOM becomes a row, not a crash)
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     batch_rows.append(row)
                     continue
+                if "profile" in timing:
+                    _print_profile(timing.pop("profile"), row)
                 row |= timing
                 row["end_to_end_ms"] = timing["median_ms"] if pixels else None
                 row["tflops_per_s"] = round(gflop * batch / max(timing["median_ms"], 1e-6), 3)
@@ -175,6 +219,17 @@ def run(args) -> list[dict]:
             print(json.dumps(row), flush=True)
         rows += batch_rows
     return rows
+
+
+def _print_profile(report: dict, row: dict) -> None:
+    """The traced calls' breakdown: JSON lines on stdout, markdown on stderr."""
+    from eflow_jax.bench import profile
+
+    tags = dict(method=row["method"], batch=row["batch"], variant=row["variant"])
+    for line in profile.json_rows(report, **tags):
+        print(json.dumps(line), flush=True)
+    print(profile.markdown(report, f"{row['method']}, batch {row['batch']}, {row['variant']}, {row['device']}"),
+          file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -200,6 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=20, help="Timed runs per row (>= 20 to report).")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--fast_compile", action="store_true", help="XLA CPU low-optimisation compile.")
+    p.add_argument("--command_buffers", default="default", choices=sorted(COMMAND_BUFFER_FLAGS),
+                   help="XLA CUDA graphs: 'off', XLA's 'default', or 'loops' (+ WHILE/CONDITIONAL, any size).")
+    p.add_argument("--profile", type=int, default=0, help="Trace this many calls of each EFlow row.")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: tiny model, few runs (overrides the other flags).")
     args = p.parse_args(argv)
@@ -210,7 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> list[dict]:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    set_command_buffers(args.command_buffers)  # Before the backend starts (run() asks for devices).
+    return run(args)
 
 
 if __name__ == "__main__":

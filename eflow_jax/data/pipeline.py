@@ -52,7 +52,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.num_classes = 10
     cfg.num_examples = 1024  # Synthetic only.
     cfg.random_flip = True  # Horizontal flips (pixel sources only).
-    cfg.worker_count = 0  # grain mp_prefetch processes; 0 = decode in the training process.
+    # grain mp_prefetch processes; 0 = decode in the training process; -1 = auto (worker_count below:
+    # none for clips under 16 KiB, else min(8, cores - 2)). An explicit count is used as given.
+    cfg.worker_count = AUTO_WORKERS
     cfg.read_threads = (
         4  # Threads per process reading + decoding examples (FFmpeg runs without the GIL).
     )
@@ -65,6 +67,38 @@ def default_data_config() -> ml_collections.ConfigDict:
     # with; '' = the one the latents' manifest records. Training refuses latents another VAE made.
     cfg.vae = ""
     return cfg
+
+
+AUTO_WORKERS = -1
+SMALL_CLIP_BYTES = 16 * 1024  # Below this, making a clip in-process beats shipping it from a worker.
+MAX_AUTO_WORKERS = 8
+
+
+def worker_count(data_cfg: ml_collections.ConfigDict, cores: int | None = None) -> int:
+    """data.worker_count, with -1 ('auto', the default) resolved for this host.
+
+    auto: 0 for clips under 16 KiB as the model sees them (the demo's 4x16x16 clips, 3 KiB, and the
+    tests'; starting processes costs seconds and each example a pickle), else min(8, cores - 2),
+    where cores are those this process may run on: two stay free for the training loop's thread and
+    the runtime, so a 2-core machine decodes in-process. Eight workers kept EFlow-B's step fed on an
+    H200 host (docs/BENCHMARKS.md); `python -m eflow_jax.bench.data --cases=demand` shows clips/s per
+    worker count against the step's demand. With several training processes on one host, each
+    starts its own workers: set the count explicitly there.
+    """
+    n = int(data_cfg.worker_count)
+    if n >= 0:
+        return n
+    if n != AUTO_WORKERS:
+        raise ValueError(f"data.worker_count={n}: use -1 (auto), 0 (in-process) or a number of worker processes.")
+    itemsize = 4 if data_cfg.source == "latents" else 1
+    clip = data_cfg.num_frames * data_cfg.resolution**2 * data_cfg.channels * itemsize
+    if clip < SMALL_CLIP_BYTES:
+        return 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores - 2))
+
+
 
 
 def text_embeddings_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -206,7 +240,8 @@ def _to_iterator(ds: grain.MapDataset, data_cfg, batch_size: int, *, drop_remain
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=buffer)
     )
-    if data_cfg.worker_count > 0:
+    workers = worker_count(data_cfg)
+    if workers > 0:
         # grain reads absl flags when it starts workers; a plain script (no app.run) hasn't parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
@@ -214,7 +249,7 @@ def _to_iterator(ds: grain.MapDataset, data_cfg, batch_size: int, *, drop_remain
         # the batches are the same for any worker_count (0 replays exactly what training saw).
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(
-                num_workers=data_cfg.worker_count, per_worker_buffer_size=buffer
+                num_workers=workers, per_worker_buffer_size=buffer
             )
         )
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
