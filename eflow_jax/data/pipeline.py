@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from eflow_jax.data import video_io
+from eflow_jax.data import synthetic, video_io
 from eflow_jax.data.sources import (
     PREPARE_HINT,
     ArrayRecordClipSource,
@@ -50,6 +50,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.channels = 3
     cfg.num_classes = 10
     cfg.num_examples = 1024  # Synthetic only.
+    # Synthetic only: 'colour' (a class = colour + shape + direction) | 'hard' (one colour; a class =
+    # shape kind x direction: eval.metric='shapes_hard' scores it). data/synthetic.py.
+    cfg.synthetic_kind = "colour"
+    cfg.synthetic_textured = False  # 'hard' only: a static grating behind the shapes.
     cfg.random_flip = True  # Horizontal flips (pixel sources only).
     cfg.worker_count = 0  # grain mp_prefetch processes; 0 = decode in the training process.
     cfg.read_threads = (
@@ -66,15 +70,7 @@ def make_source(data_cfg: ml_collections.ConfigDict):
     if source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
     if source == "synthetic":
-        span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
-        return MovingShapesSource(
-            data_cfg.num_examples,
-            span,
-            data_cfg.resolution,
-            data_cfg.resolution,
-            data_cfg.channels,
-            data_cfg.num_classes,
-        )
+        return _synthetic_source(data_cfg, data_cfg.num_examples, seed=0)
     if source == "tfds":
         if not data_cfg.tfds_name:
             raise ValueError(
@@ -314,9 +310,7 @@ def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.nda
     if data_cfg.source != "synthetic":
         batch = next(make_eval_iterator(data_cfg, batch_size=num, num_examples=num))
         return np.asarray(batch["video"], np.float32), np.asarray(batch["label"], np.int32)
-    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
-    source = MovingShapesSource(num, span, data_cfg.resolution, data_cfg.resolution, data_cfg.channels,
-                                data_cfg.num_classes, seed=HELDOUT_SEED)
+    source = _synthetic_source(data_cfg, num, seed=HELDOUT_SEED)
     transform = _transform(data_cfg, train=False)
     items = [transform.random_map(source[i], None) for i in range(num)]
     batch = _ToModelInput(latents=False).map({"video": np.stack([e["video"] for e in items]),
@@ -324,12 +318,21 @@ def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.nda
     return batch["video"], batch["label"]
 
 
+def _synthetic_source(data_cfg: ml_collections.ConfigDict, num_examples: int, seed: int):
+    """The synthetic set data_cfg names, with clips long enough for num_frames x frame_stride."""
+    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
+    # .get: run snapshots written before the hard set existed lack these fields.
+    return synthetic.make_synthetic_source(
+        data_cfg.get("synthetic_kind", "colour"), num_examples, span, data_cfg.resolution, data_cfg.resolution,
+        data_cfg.channels, data_cfg.num_classes, seed=seed, textured=data_cfg.get("synthetic_textured", False))
+
+
 def _stored_shape(source) -> tuple[int, ...]:
     if isinstance(source, ArrayRecordClipSource):
         return source.clip_shape
     if isinstance(source, LatentSource):
         return source.latent_shape
-    if isinstance(source, MovingShapesSource):
+    if isinstance(source, MovingShapesSource | synthetic.HardShapesSource):
         return source.clip_shape
     return tuple(source[0]["video"].shape)
 
