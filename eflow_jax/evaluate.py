@@ -163,7 +163,8 @@ def run_shapes(config: ml_collections.ConfigDict, workdir: str, out_dir: str, me
 
     cfg = config.eval.shapes
     if config.data.source != "synthetic":
-        raise ValueError(f"eval.metric={config.eval.metric!r} scores against the synthetic moving-shapes ground truth, but "
+        raise ValueError(f"eval.metric={config.eval.metric!r} scores against the synthetic moving-shapes ground "
+                         f"truth, but "
                          f"data.source={config.data.source!r}. Use FVD for this run: --eval.metric=fvd "
                          f"--eval.fvd.i3d_path=i3d.npz ({CONVERT_HINT}).")
     gauge = shapes.ShapesGauge.for_config(config)

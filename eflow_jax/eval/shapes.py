@@ -149,15 +149,46 @@ def _apply_fn(num_classes: int):
     return model, jax.jit(model.apply)
 
 
-def pooled(videos: np.ndarray) -> np.ndarray:
-    """Clips [N, T, H, W, C] -> the classifier's input: clipped to [-1, 1], average-pooled to ~16^2.
+def pooled(videos: np.ndarray, side: int = 16) -> np.ndarray:
+    """Clips [N, T, H, W, C] -> the classifier's input: clipped to [-1, 1], average-pooled to ~side^2.
 
     Done on the host, once per clip, so training never holds (or moves) full-size clips.
     """
     videos = np.clip(np.asarray(videos, np.float32), -1, 1)
     n, t, h, w, c = videos.shape
-    p = max(1, min(h, w) // 16)
+    p = max(1, min(h, w) // side)
     return videos[:, :, : h - h % p, : w - w % p].reshape(n, t, h // p, p, w // p, p, c).mean((3, 5))
+
+
+def classify(params: dict, num_outputs: int, videos: np.ndarray, side: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N, D] and logits [N, num_outputs] of Classifier(num_outputs) on clips in [-1, 1]."""
+    _, apply = _apply_fn(num_outputs)
+    feats, logits = [], []
+    for i in range(0, len(videos), _FEATURE_BATCH):
+        chunk = pooled(videos[i:i + _FEATURE_BATCH], side)
+        pad = _FEATURE_BATCH - len(chunk)  # One compiled shape.
+        f, y = apply({"params": params}, np.pad(chunk, ((0, pad),) + ((0, 0),) * 4))
+        feats.append(np.asarray(f)[:len(chunk)])
+        logits.append(np.asarray(y)[:len(chunk)])
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def save_cache(path: str, params: dict, meta: dict) -> None:
+    """A gauge's classifier params and JSON meta in one .npz, written atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:  # Write then rename: concurrent readers never see half a file.
+        np.savez(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **flat)
+    os.replace(tmp, path)
+
+
+def load_cache(path: str) -> tuple[dict, dict]:
+    """(params, meta) written by save_cache."""
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        params = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files if k != "meta"})
+    return params, meta
 
 
 # ---- ground truth ----
@@ -226,15 +257,21 @@ def frame_shifts(videos: np.ndarray) -> np.ndarray:
 
 def motion_consistency(geometry: Geometry, videos: np.ndarray, labels) -> float:
     """Fraction of frame pairs moving within 45 degrees of the class direction at a plausible speed."""
-    if geometry.num_frames < 2:
-        return float("nan")
-    shifts = frame_shifts(videos)  # [B, T-1, 2]
-    per_pixel = geometry.resolution * geometry.frame_stride
-    lo, hi = 0.5 * _SPEED_RANGE[0] * per_pixel, 1.5 * _SPEED_RANGE[1] * per_pixel
-    speed = np.linalg.norm(shifts, axis=-1)
     # [B, 2, 2]: without flips the one direction twice, so every clip has the same shape.
     dirs = np.stack([class_directions(geometry, int(y))[[0, -1]] for y in labels])
-    cos = np.einsum("btd,bkd->btk", shifts, dirs).max(-1) / np.maximum(speed, 1e-12)
+    return direction_agreement(videos, dirs, geometry.resolution * geometry.frame_stride)
+
+
+def direction_agreement(videos: np.ndarray, directions: np.ndarray, short_side_px: float) -> float:
+    """Fraction of frame pairs whose shift is within 45 degrees of one of a clip's unit `directions`
+    [B, K, 2] (dy, dx) at 0.5x the slowest to 1.5x the fastest speed of the synthetic data (short
+    side per frame: the frame's short side times the frame stride). NaN for single frames."""
+    if np.shape(videos)[1] < 2:
+        return float("nan")
+    shifts = frame_shifts(videos)  # [B, T-1, 2]
+    lo, hi = 0.5 * _SPEED_RANGE[0] * short_side_px, 1.5 * _SPEED_RANGE[1] * short_side_px
+    speed = np.linalg.norm(shifts, axis=-1)
+    cos = np.einsum("btd,bkd->btk", shifts, directions).max(-1) / np.maximum(speed, 1e-12)
     ok = (cos >= np.cos(np.pi / 4)) & (speed >= lo) & (speed <= hi)
     return float(ok.mean())
 
@@ -277,10 +314,7 @@ class ShapesGauge:
                              "(eval.shapes.seed) so the classifier and references see held-out clips")
         path = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), geometry.key(seed) + ".npz")
         if os.path.exists(path):
-            with np.load(path) as data:
-                meta = json.loads(str(data["meta"]))
-                params = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files
-                                                       if k != "meta"})
+            params, meta = load_cache(path)
             return cls(geometry, params, seed, path, meta)
         logging.info("shapes gauge: training the classifier for %s (once; cached in %s)", geometry, path)
         start = time.perf_counter()
@@ -302,15 +336,7 @@ class ShapesGauge:
         if np.shape(videos)[1:] != self.geometry.clip_shape:
             raise ValueError(f"clips are {np.shape(videos)[1:]}, the gauge was built for "
                              f"{self.geometry.clip_shape}; build it with ShapesGauge.for_data(the run's data config)")
-        _, apply = _apply_fn(self.geometry.num_classes)
-        feats, logits = [], []
-        for i in range(0, len(videos), _FEATURE_BATCH):
-            chunk = pooled(videos[i:i + _FEATURE_BATCH])
-            pad = _FEATURE_BATCH - len(chunk)  # One compiled shape.
-            f, y = apply({"params": self.params}, np.pad(chunk, ((0, pad),) + ((0, 0),) * 4))
-            feats.append(np.asarray(f)[:len(chunk)])
-            logits.append(np.asarray(y)[:len(chunk)])
-        return np.concatenate(feats), np.concatenate(logits)
+        return classify(self.params, self.geometry.num_classes, videos)
 
     def logits(self, videos: np.ndarray) -> np.ndarray:
         return self.features_and_logits(videos)[1]
@@ -390,12 +416,7 @@ class ShapesGauge:
         return scores
 
     def _save(self) -> None:
-        os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-        flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(self.params).items()}
-        tmp = f"{self.cache_path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # Write then rename: concurrent readers never see half a file.
-            np.savez(f, meta=np.asarray(json.dumps(self.meta, sort_keys=True)), **flat)
-        os.replace(tmp, self.cache_path)
+        save_cache(self.cache_path, self.params, self.meta)
 
 
 def _seeds(seed: int) -> dict[str, int]:
