@@ -201,6 +201,7 @@ def test_make_synthetic_source_and_pipeline_pick_the_set():
     assert config.data.synthetic_kind == "hard" and config.eval.metric == "shapes_hard"
     assert shapes_config.get_config().data.synthetic_kind == "colour"
     config.data.num_examples = 8
+    pipeline.validate_data_config(config.data, model_frames=16, model_size=32, model_channels=3)
     source = pipeline.make_source(config.data)
     assert isinstance(source, HardShapesSource) and source.clip_shape == (16, 32, 32, 3)
     clips, labels = pipeline.heldout_clips(config.data, 4)
