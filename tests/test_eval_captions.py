@@ -32,6 +32,11 @@ def real(built):
     return captions.real_clips(4, 32, HELD_OUT_SEED, ids), synthetic.caption_attributes()[ids]
 
 
+def test_the_scorer_trains_on_every_combination_held_back_ones_included():
+    counts = np.bincount(captions.training_caption_ids(), minlength=160)
+    assert len(counts) == 160 and counts.min() >= 0.9 * counts.max() and counts[synthetic.held_back()].min() > 0
+
+
 def test_prompts_expose_captions_ids_and_attributes():
     texts, ids, attributes = captions.prompts("unseen")
     assert len(texts) == len(ids) == len(attributes) == 32 and synthetic.held_back()[ids].all()
@@ -69,6 +74,19 @@ def test_frechet_ranks_real_then_blurred_then_noise(built, real):
         assert blurred[group]["hf_power_ratio"] < 0.05 < 0.85 < clean[group]["hf_power_ratio"] < 1.2
     line = captions.summary_line(clean)
     assert line.startswith("captions: seen (256 clips) size ") and "| unseen (64 clips)" in line and "\n" not in line
+
+
+def test_frechet_features_carry_the_band_powers(built, real):
+    """Here the classifier's own features see much of the blur (Frechet 60 for blur 1 without the band
+    powers, 70 with them, at 4x32x32), so the ranking alone would not notice the band block missing."""
+    gauge, _, _ = built
+    videos = real[0][::5]  # 64 clips spread over every size, colour, shape and direction.
+    features, _, _ = gauge._features(videos)
+    blurred, _, _ = gauge._features(sharpness.gaussian_blur(videos, 1.0))
+    bands = len(sharpness.BANDS) - 1
+    assert features.shape[1] == gauge.features_and_logits(videos[:2])[0].shape[1] + bands
+    assert abs(features[:, -bands:].mean()) < 0.5 * sharpness.WEIGHT  # Real clips: centred.
+    assert blurred[:, -bands:][:, sharpness.HIGH_BANDS].mean() < -3 * sharpness.WEIGHT  # Blur: far below.
 
 
 def test_a_wrong_attribute_is_caught_by_its_own_head(built, real):

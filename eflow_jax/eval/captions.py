@@ -209,11 +209,17 @@ def _correct(logits: np.ndarray, attributes: np.ndarray) -> np.ndarray:
     return np.stack([part.argmax(-1) == attributes[:, h] for h, part in enumerate(_heads(logits))], -1)
 
 
+def training_caption_ids() -> np.ndarray:
+    """Caption ids of the classifier's TRAIN_CLIPS clips: cycling over every combination, the held-back
+    ones included (the scorer must know them; only the generator never sees them)."""
+    return np.arange(TRAIN_CLIPS) % len(synthetic.all_captions())
+
+
 def _train(num_frames: int, resolution: int, seed: int) -> tuple[dict, np.ndarray]:
-    """(params, band powers of the training clips): TRAIN_CLIPS clips cycling over every combination."""
+    """(params, band powers of the training clips): real clips of training_caption_ids()."""
     global builds
     builds += 1
-    ids = np.arange(TRAIN_CLIPS) % len(synthetic.all_captions())
+    ids = training_caption_ids()
     videos, power = [], []
     for i in range(0, TRAIN_CLIPS, 256):  # Pooled chunk by chunk: full-size clips are big.
         chunk = real_clips(num_frames, resolution, _seeds(seed)["train"], ids[i:i + 256], start=i)
