@@ -1,8 +1,14 @@
-"""Synthetic class-conditional moving shapes: a dataset that needs no files (CPU demo, tests).
+"""Synthetic moving shapes: datasets that need no files and know their ground truth (demo, tests, gauges).
 
-The class decides what a model has to learn from the label: the shape kind (circle, square,
-diamond), the colour and the direction of motion. The example index and the seed decide everything
-else (start position, size, speed, background), so an example is a pure function of (index, seed).
+  MovingShapesSource     the colour set (data.synthetic_kind='colour'): the class decides the shape
+                         kind (circle, square, diamond), the colour and the direction of motion.
+  HardShapesSource       the hard set ('hard'): one grey colour for every class; the class is a shape
+                         kind x a direction, so only shape and motion tell classes apart.
+  CaptionedShapesSource  text-to-video: a caption states size, colour, shape and direction; 20% of
+                         the combinations are held back from the 'train' split.
+
+The example index and the seed decide everything else (start position, size, speed, background),
+so an example is a pure function of (index, seed).
 """
 
 from __future__ import annotations
@@ -143,7 +149,7 @@ def hard_class(label: int, num_classes: int) -> tuple[int, float]:
 def _hard_mask(kind: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     """Boolean [T, H, W] from wrapped offsets dy [T, H, 1], dx [T, 1, W]; r is the shape's radius.
 
-    Extents are set so the kinds cover comparable areas; broadcasting keeps the separable ones cheap.
+    Extents are set so the kinds have comparable sizes; broadcasting keeps the separable ones cheap.
     """
     ady, adx = np.abs(dy), np.abs(dx)
     if kind == "disc":
@@ -183,7 +189,6 @@ class HardShapesSource:
         if min(num_examples, num_frames, height, width, channels, num_classes) <= 0:
             raise ValueError("HardShapesSource sizes must be positive, got "
                              f"{(num_examples, num_frames, height, width, channels, num_classes)}")
-        hard_layout(num_classes)
         self.num_examples, self.num_classes, self.seed, self.textured = num_examples, num_classes, seed, textured
         self.clip_shape = (num_frames, height, width, channels)
         self._colour = _to_uint8(np.asarray(HARD_COLOUR))
@@ -211,7 +216,7 @@ class HardShapesSource:
         dx = (np.arange(width, dtype=np.float32)[None, None, :] - center_x[:, None, None] + width / 2) % width
         mask_thw = _hard_mask(HARD_KINDS[kind], dy - height / 2, dx - width / 2, radius)
         # Grey levels [T, H, W], then one stack over channels: indexing a palette or broadcasting
-        # into the channel axis was 5x slower (strided byte writes).
+        # into the channel axis was 3-40x slower here (strided byte writes).
         background = _to_uint8(0.25 * u[5] + (_texture(height, width, u[6:12]) if self.textured else 0.0))
         grey = background + mask_thw.view(np.uint8) * (self._colour - background)  # No overflow: colour > bg.
         return {"video": np.stack([grey] * channels, axis=-1), "label": np.int32(label)}

@@ -28,7 +28,7 @@ Every score comes with references at the same clip count: `*_real` (two disjoint
 Gaussian of BLUR_SIGMA px). The classifier and the references are cached on disk, keyed by the
 data geometry and VERSION (HARD_VERSION), so later calls load in milliseconds:
 
-    gauge = ShapesGauge.for_data(config.data)
+    gauge = ShapesGauge.for_config(config)   # or .for_data(config.data): the data's gauge, unchecked
     gauge.score(videos_bthwc, labels)        # videos in [-1, 1], as the model produces them
     score_params(config, net, params)        # {num_steps: scores}, samples from sample.generate
 """
@@ -119,7 +119,8 @@ class Classifier(nn.Module):
     next frame (for up to ~4 frame pairs), mean+max pooling, a feature layer, class logits.
 
     Only matmuls (XLA:CPU ran small-channel 3D convs ~20x slower here): clips are average-pooled
-    to ~16^2 (`pooled`) and cut into 4x4 patches, which keeps training to seconds on a CPU.
+    to ~16^2 (`pooled`; the caption gauge pools to 32^2) and cut into 4x4 patches, which keeps
+    training to seconds on a CPU.
     """
 
     num_classes: int
