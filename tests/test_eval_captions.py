@@ -72,6 +72,8 @@ def test_frechet_ranks_real_then_blurred_then_noise(built, real):
         frechet = [clean[group]["frechet"], blurred[group]["frechet"], clean[group]["frechet_noise"]]
         assert frechet == sorted(frechet) and frechet[1] > 5 * frechet[0], (group, frechet)
         assert blurred[group]["hf_power_ratio"] < 0.05 < 0.85 < clean[group]["hf_power_ratio"] < 1.2
+    flat = captions.scalars(clean)
+    assert flat["captions/unseen/frechet"] == clean["unseen"]["frechet"] and "captions/seen/all_accuracy_noise" in flat
     line = captions.summary_line(clean)
     assert line.startswith("captions: seen (256 clips) size ") and "| unseen (64 clips)" in line and "\n" not in line
 

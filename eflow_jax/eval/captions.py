@@ -230,6 +230,12 @@ def _train(num_frames: int, resolution: int, seed: int) -> tuple[dict, np.ndarra
     return params, np.concatenate(power)
 
 
+def scalars(report: dict, prefix: str = "captions") -> dict[str, float]:
+    """Flat {'captions/seen/all_accuracy': v, 'captions/seen/frechet_real': v, ...} for metric writers."""
+    return {f"{prefix}/{group}/{name}": float(value) for group, scores in report.items()
+            for name, value in scores.items()}
+
+
 def summary_line(report: dict) -> str:
     """One line per report: each group's accuracies and Frechet, then its real and noise references.
 
