@@ -9,14 +9,21 @@ log.eval_every steps and at its end. This is the setting of `python -m eflow_jax
     python -m eflow_jax.main --config=configs/shapes.py --workdir=/tmp/shapes_eflow
     python -m eflow_jax.main --config=configs/shapes.py:objective=flow_matching,size=64 --workdir=...
 
-Args (comma separated): variant, objective, size (32 | 64), steps, batch.
+`:hard=1` trains on the hard set instead (one colour for every class; a class is a shape kind x a
+direction of motion) and scores it with the 'shapes_hard' gauge, whose Frechet distance sees blur:
+
+    python -m eflow_jax.main --config=configs/shapes.py:hard=1 --workdir=/tmp/shapes_hard_eflow
+
+Args (comma separated): variant, objective, size (32 | 64), steps, batch, hard, textured (hard set
+with a static grating behind the shapes).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, variant="S", objective="eflow", size=32, steps=3000, batch=128)
+    a = common.parse_arg(arg, variant="S", objective="eflow", size=32, steps=3000, batch=128, hard=False,
+                         textured=False)
     c = common.base_config(a.variant, a.objective)
     c.total_steps, c.batch_size = a.steps, a.batch
     # patch (2,4,4): 8x8x8 = 512 tokens at 32^2, 8x16x16 = 2048 at 64^2.
@@ -33,4 +40,7 @@ def get_config(arg=None):
     c.checkpoint.update(save_every=1000, keep_every=0)
     c.log.update(every_steps=100, sample_every=0, eval_every=1000)
     c.eval.metric = "shapes"  # Scored by the gauge every log.eval_every steps and at the end.
+    if a.hard or a.textured:
+        c.data.update(synthetic_kind="hard", synthetic_textured=a.textured)
+        c.eval.metric = "shapes_hard"
     return c

@@ -1,7 +1,7 @@
 r"""FVD of a run (`--mode=eval`): few-step samples vs cached real statistics, pinned protocol.
 
-`run` dispatches on config.eval.metric: 'fvd' (below) or 'shapes' (`run_shapes`, synthetic data:
-eflow_jax/eval/shapes.py, no I3D weights needed).
+`run` dispatches on config.eval.metric: 'fvd' (below) or 'shapes' / 'shapes_hard' (`run_shapes`,
+synthetic data: eflow_jax/eval/shapes.py, no I3D weights needed).
 
     python -m eflow_jax.main --mode=eval --workdir=/ckpt/run1 --config=configs/kinetics.py \
         --config.eval.fvd.i3d_path=/models/i3d.npz --config.eval.fvd.num_steps=2
@@ -49,7 +49,9 @@ CONVERT_HINT = ("python -m eflow_jax.eval.convert_i3d --src=rgb_imagenet.pt --ou
 def eval_config() -> ml_collections.ConfigDict:
     """Evaluation settings: a run config's `eval` section and the --eval.* flags of `--mode=eval`."""
     return ml_collections.ConfigDict(dict(
-        metric="fvd",  # 'fvd' (I3D, any RGB data) | 'shapes' (synthetic data only: eflow_jax/eval/shapes.py).
+        # 'fvd' (I3D, any RGB data) | 'shapes' | 'shapes_hard' (data.synthetic_kind 'colour' | 'hard':
+        # eflow_jax/eval/shapes.py).
+        metric="fvd",
         fvd=ml_collections.ConfigDict(dict(
             i3d_path="",  # Converted I3D weights (python -m eflow_jax.eval.convert_i3d).
             num_gen_clips=2048, num_real_clips=2048, batch_size=32, num_steps=2, seed=0,
@@ -125,13 +127,15 @@ def run_fvd(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
 
 def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str, mesh: jax.sharding.Mesh, *,
         decoder: Decoder | None = None, step: int | None = None) -> dict:
-    """`--mode=eval`: the metric named by config.eval.metric ('fvd' or 'shapes') for a run."""
+    """`--mode=eval`: the metric named by config.eval.metric ('fvd', 'shapes', 'shapes_hard') for a run."""
+    from eflow_jax.eval import shapes
+
     metric = config.eval.get("metric", "fvd")
     if metric == "fvd":
         return run_fvd(config, workdir, out_dir, mesh, decoder=decoder or sample.pixel_decoder(config), step=step)
-    if metric == "shapes":
+    if metric in shapes.METRICS:
         return run_shapes(config, workdir, out_dir, mesh, step=step)
-    raise ValueError(f"eval.metric must be 'fvd' or 'shapes', got {metric!r}")
+    raise ValueError(f"eval.metric must be 'fvd' or one of {tuple(shapes.METRICS)}, got {metric!r}")
 
 
 def apply_eval_flags(config: ml_collections.ConfigDict, given: ml_collections.ConfigDict) -> None:
@@ -159,20 +163,21 @@ def run_shapes(config: ml_collections.ConfigDict, workdir: str, out_dir: str, me
 
     cfg = config.eval.shapes
     if config.data.source != "synthetic":
-        raise ValueError(f"eval.metric='shapes' scores against the synthetic moving-shapes ground truth, but "
+        raise ValueError(f"eval.metric={config.eval.metric!r} scores against the synthetic moving-shapes ground "
+                         f"truth, but "
                          f"data.source={config.data.source!r}. Use FVD for this run: --eval.metric=fvd "
                          f"--eval.fvd.i3d_path=i3d.npz ({CONVERT_HINT}).")
-    gauge = shapes.ShapesGauge.for_data(config.data, cfg.cache_dir or None, int(cfg.seed))
+    gauge = shapes.ShapesGauge.for_config(config)
     if step is None:
         step = latest_checkpoint_step(workdir)
     params = sample.load_params(workdir, config, mesh, use_ema=True, step=step)
     net = network_for(config.model.to_json())
     scores = shapes.score_params(config, net, params, gauge=gauge, mesh=mesh)
     g = gauge.geometry
-    result = dict(metric="shapes", scores={str(k): v for k, v in scores.items()},
+    result = dict(metric=config.eval.metric, scores={str(k): v for k, v in scores.items()},
                   sampler=sample.sampler_name(config), checkpoint_step=step, params="ema",
                   num_clips=int(cfg.num_clips), seed=int(cfg.seed), gauge=gauge.cache_path,
-                  gauge_version=shapes.VERSION, geometry=dataclasses.asdict(g),
+                  gauge_version=g.version, geometry=dataclasses.asdict(g),
                   workdir=os.path.abspath(workdir))
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -215,8 +220,10 @@ def resolve_decoder(decoder: Decoder | None, channels: int) -> Decoder:
 
 def real_source_name(data_cfg: ml_collections.ConfigDict) -> str:
     """A stable dataset name for the protocol: TFDS name, data folder name, or 'synthetic_...'."""
-    if data_cfg.source == "synthetic":
-        return "synthetic_moving_shapes"
+    if data_cfg.source == "synthetic":  # The hard set is other data: its real statistics differ.
+        kind = data_cfg.get("synthetic_kind", "colour")
+        textured = "_textured" if data_cfg.get("synthetic_textured", False) else ""
+        return "synthetic_moving_shapes" + ("" if kind == "colour" else f"_{kind}{textured}")
     if data_cfg.source == "tfds":
         return data_cfg.tfds_name
     return os.path.basename(os.path.normpath(data_cfg.path)) or data_cfg.source

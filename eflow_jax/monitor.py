@@ -3,7 +3,7 @@
   probe  every log step (log.probe_clips > 0): flow/probe.py on a fixed held-out batch, the same
          dense velocity error for every objective plus the trunk / label / s / middle health signals.
   gauge  every log.eval_every steps (a multiple of log.every_steps: the scores join that step's log row)
-         and at the end, when eval.metric == 'shapes' (synthetic data):
+         and at the end, when eval.metric is 'shapes' or 'shapes_hard' (synthetic data):
          eval/shapes.py scores few-step samples of the EMA params (class accuracy, motion
          consistency, Frechet on the gauge classifier's features, with real and noise references).
 """
@@ -16,9 +16,11 @@ import jax
 import ml_collections
 from absl import logging
 
+from eflow_jax import text
 from eflow_jax.data import pipeline
+from eflow_jax.eval import shapes
+from eflow_jax.flow import condition
 from eflow_jax.flow import probe as probe_lib
-from eflow_jax.flow.condition import Condition
 
 
 class QualityMonitor:
@@ -28,10 +30,11 @@ class QualityMonitor:
         self._config, self._net, self._mesh = config, net, mesh
         self._probe_fn = None
         if config.log.probe_clips > 0:
-            clips, labels = pipeline.heldout_clips(config.data, int(config.log.probe_clips))
+            batch = pipeline.heldout_batch(config.data, int(config.log.probe_clips), text.caption_encoder(config))
+            cond = condition.from_batch(batch, labels=config.model.num_classes > 0, text=config.model.context_dim > 0)
             # An argument, not a closed-over constant: XLA would constant-fold the encoder's patching
             # of the clips at compile time (33.8 s more compile for EFlow-B at 16x128x128 on an H200).
-            self._fixed = probe_lib.make_probe(clips, Condition.of_labels(labels))
+            self._fixed = probe_lib.make_probe(batch["video"], cond)
             self._probe_fn = jax.jit(functools.partial(probe_lib.probe_metrics, net))
         self._gauge = None
         self.last_summary = ""  # summary_line of the latest gauge: the train loop repeats it last.
@@ -44,7 +47,7 @@ class QualityMonitor:
 
     @property
     def gauges(self) -> bool:
-        return self._config.eval.metric == "shapes" and self._config.data.source == "synthetic"
+        return self._config.eval.metric in shapes.METRICS and self._config.data.source == "synthetic"
 
     def gauge_due(self, step: int, is_last: bool) -> bool:
         every = self._config.log.eval_every
@@ -52,11 +55,8 @@ class QualityMonitor:
 
     def gauge(self, step: int, params) -> dict[str, float]:
         """Scalars for the step's log row from samples of `params` (pass the EMA params); logs a table."""
-        from eflow_jax.eval import shapes
-
-        cfg = self._config.eval.shapes
         if self._gauge is None:
-            self._gauge = shapes.ShapesGauge.for_data(self._config.data, cfg.cache_dir or None, int(cfg.seed))
+            self._gauge = shapes.ShapesGauge.for_config(self._config)
         results = shapes.score_params(self._config, self._net, params, gauge=self._gauge, mesh=self._mesh)
         table = f"{shapes.format_table(results)}\n{summary_line(results)}"
         self.last_summary = f"step {step}: {summary_line(results)}"
@@ -68,12 +68,19 @@ def summary_line(results: dict) -> str:
     """One line a reader looks for at the end of a run: class accuracy per sampler step count.
 
     "gauge: 2-step samples: class accuracy 0.91, motion 0.80 | 1-step: 0.85, 0.62 | real clips 1.00,
-    0.99 | noise 0.25, 0.00" (chance is 1 / num_classes).
+    0.99 | noise 0.25, 0.00" (chance is 1 / num_classes). The hard gauge's scores add the Frechet
+    distance (", frechet 12.3"), which is where its blur shows.
     """
     steps = sorted(results, reverse=True)
-    parts = [f"{s}-step samples: class accuracy {results[s]['class_accuracy']:.2f}, motion "
-             f"{results[s]['motion_consistency']:.2f}" for s in steps]
     first = results[steps[0]]
-    parts += [f"{ref} clips: class accuracy {first[f'class_accuracy_{ref}']:.2f}, motion "
-              f"{first[f'motion_consistency_{ref}']:.2f}" for ref in ("real", "noise")]
+    hard = "hf_power_ratio" in first
+
+    def part(scores: dict, suffix: str = "") -> str:
+        text = (f"class accuracy {scores[f'class_accuracy{suffix}']:.2f}, "
+                f"motion {scores[f'motion_consistency{suffix}']:.2f}")
+        return text + (f", frechet {scores[f'frechet{suffix}']:.1f}" if hard else "")
+
+    parts = [f"{s}-step samples: {part(results[s])}" for s in steps]
+    parts += [f"{ref} clips: {part(first, f'_{ref}')}" for ref in ("real", "blurred", "noise")
+              if f"class_accuracy_{ref}" in first]
     return "gauge: " + " | ".join(parts)

@@ -83,6 +83,11 @@ def encode_prompts(config: ml_collections.ConfigDict, prompts: list[str]) -> tup
     return load_encoder(config).encode(list(prompts))
 
 
+def caption_encoder(config: ml_collections.ConfigDict):
+    """What the data pipeline encodes captions with in a text-conditioned run (None for class-conditional runs)."""
+    return functools.partial(encode_prompts, config) if config.model.context_dim else None
+
+
 def read_prompts(sample_cfg: ml_collections.ConfigDict) -> list[str]:
     """The prompts of --sample.prompt (one) or --sample.prompts (a file, one per non-empty line)."""
     if sample_cfg.prompt and sample_cfg.prompts:

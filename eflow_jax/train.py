@@ -20,6 +20,7 @@ from absl import logging
 
 from eflow_jax import checkpoint, compile_cache, loop, monitor, optim, rundir, sample, sharding, writers
 from eflow_jax import state as state_lib
+from eflow_jax import text as text_lib
 from eflow_jax.data import pipeline
 from eflow_jax.flow import condition, cost, objectives
 from eflow_jax.models import dit
@@ -122,7 +123,8 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
                          f"clips; set H == W.")
     m = config.model
     pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c,
-                                  text_shape=(m.context_len, m.context_dim) if m.context_dim else None)
+                                  text_shape=(m.context_len, m.context_dim) if m.context_dim else None,
+                                  text=text_lib.caption_encoder(config))
 
 
 @functools.lru_cache(maxsize=16)
@@ -373,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
             data_iter = pipeline.make_train_iterator(
                 config.data, global_batch_size=config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(), float_video=False,
-                text=config.model.context_dim > 0)
+                text=text_lib.caption_encoder(config))
             closing.callback(getattr(data_iter, "close", lambda: None))
             with loop.workers_started_early(data_iter, enabled=pipeline.worker_count(config.data) > 0):
                 prog = setup(config)

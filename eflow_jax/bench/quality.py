@@ -3,6 +3,7 @@ r"""Learning-curve benchmark: few-step sample quality against training examples,
     python -m eflow_jax.bench.quality --size=32 --objectives=flow_matching,solution_flow,eflow \
         --steps=3000 --eval_at=500,1000,2000,3000
     python -m eflow_jax.bench.quality --objectives=eflow --set=objective.mva.weighting=adaptive  # ablation
+    python -m eflow_jax.bench.quality --hard=true  # the hard set: one colour, its gauge sees blur
 
 Every objective trains the same network size (configs/shapes.py, variant S) from the same init seed
 on the same data order. At each eval point one JSON line is printed: examples seen, the seconds
@@ -27,11 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from eflow_jax import config_file, loop, sample, sharding, train
+from eflow_jax import config_file, loop, sample, sharding, text, train
 from eflow_jax.bench import train as bench_train
 from eflow_jax.data import pipeline
-from eflow_jax.flow import objectives, probe
-from eflow_jax.flow.condition import Condition
+from eflow_jax.flow import condition, objectives, probe
 
 
 def sample_settings(config: ml_collections.ConfigDict) -> list[tuple[str, int, ml_collections.ConfigDict]]:
@@ -63,13 +63,14 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
     data = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         float_video=False)
     batches = loop.DevicePrefetcher(data, lambda b: sharding.to_global_batch(b, prog.mesh))
-    clips, labels = pipeline.heldout_clips(config.data, 64)
-    fixed = probe.make_probe(clips, Condition.of_labels(labels))
+    held = pipeline.heldout_batch(config.data, 64, text.caption_encoder(config))
+    fixed = probe.make_probe(held["video"], condition.from_batch(held, labels=config.model.num_classes > 0,
+                                                                 text=config.model.context_dim > 0))
     probe_fn = jax.jit(lambda p: probe.probe_metrics(prog.net, p, fixed))
     if gauge:
         from eflow_jax.eval import shapes
 
-        gauge = shapes.ShapesGauge.for_data(config.data)
+        gauge = shapes.ShapesGauge.for_config(config)
     gen_labels = [i % config.model.num_classes for i in range(num_clips)]
 
     train_s = 0.0
@@ -83,7 +84,7 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
         train_s += time.perf_counter() - start  # Async dispatch: settled at every eval step.
         if step not in eval_at:
             continue
-        row = dict(bench="quality", tag=tag, objective=config.objective.name, step=step,
+        row = dict(bench="quality", tag=tag, objective=config.objective.name, gauge=config.eval.metric, step=step,
                    examples=step * config.batch_size, train_s=round(train_s, 2),
                    compile_s=round(prog.compile_s, 1), parallel=parallel,
                    device=jax.devices()[0].device_kind, loss=float(metrics["loss"]))
@@ -130,13 +131,15 @@ def main() -> None:
     p.add_argument("--gauge", default="true", choices=("true", "false"), help="Score samples (false: probe only).")
     p.add_argument("--timing_dir", default="", help="Time 50 steps alone after training (see run_objective).")
     p.add_argument("--parallel", type=int, default=1, help="Runs sharing the card (with --timing_dir).")
+    p.add_argument("--hard", default="false", choices=("true", "false"),
+                   help="The hard set (configs/shapes.py:hard=1): classes differ by shape and motion only.")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="", help="Also append the JSON lines to this file.")
     a = p.parse_args()
     eval_at = sorted({int(v) for v in a.eval_at.split(",") if v} | {a.steps})
     for objective in a.objectives.split(","):
         config = config_file.load(config_file.in_repo("shapes.py"), f"objective={objective},size={a.size},"
-                                  f"variant={a.variant},steps={a.steps},batch={a.batch}")
+                                  f"variant={a.variant},steps={a.steps},batch={a.batch},hard={a.hard}")
         for assignment in a.set:
             config_file.override(config, assignment)
         for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true",

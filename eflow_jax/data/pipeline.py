@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from eflow_jax.data import video_io
+from eflow_jax.data import synthetic, video_io
 from eflow_jax.data.sources import (
     PREPARE_HINT,
     ArrayRecordClipSource,
@@ -51,6 +52,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.channels = 3
     cfg.num_classes = 10
     cfg.num_examples = 1024  # Synthetic only.
+    # Synthetic only: 'colour' (a class = colour + shape + direction) | 'hard' (one colour; a class =
+    # shape kind x direction: eval.metric='shapes_hard' scores it). data/synthetic.py.
+    # 'colour' | 'hard' (class-conditional, eflow_jax/data/synthetic.py) | 'captions' (text-to-video: captioned
+    # shapes, 20% of the attribute combinations held back from 'train'; see caption_split).
+    cfg.synthetic_kind = "colour"
+    cfg.synthetic_textured = False  # 'hard' only: a static grating behind the shapes.
+    cfg.caption_split = "train"  # 'captions' only: 'train' | 'unseen' (only held-back combinations) | 'all'.
     cfg.random_flip = True  # Horizontal flips (pixel sources only).
     # grain mp_prefetch processes; 0 = decode in the training process; -1 = auto (worker_count below:
     # none for clips under 16 KiB, else min(8, cores - 2)). An explicit count is used as given.
@@ -106,22 +114,21 @@ def text_embeddings_dir(data_cfg: ml_collections.ConfigDict) -> str:
     return data_cfg.text_embeddings or os.path.join(data_cfg.path, "text_embeddings")
 
 
-def make_source(data_cfg: ml_collections.ConfigDict, text: bool = False):
-    """The random-access source named by data_cfg.source (see sources.py); text=True joins each example's
-    caption embedding ('text_embedding', 'text_mask')."""
+Encode = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # captions -> (text states [N, L, D], mask [N, L])
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, text: Encode | None = None):
+    """The random-access source named by data_cfg.source (see sources.py).
+
+    text: for text-conditioned runs, the run's caption encoder (eflow_jax/text.py): each example gets
+    its caption's embedding ('text_embedding', 'text_mask'), precomputed (data.text_embeddings) for
+    prepared data, or computed once per caption here for the synthetic captioned set.
+    """
     source = data_cfg.source
     if source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
     if source == "synthetic":
-        span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
-        return MovingShapesSource(
-            data_cfg.num_examples,
-            span,
-            data_cfg.resolution,
-            data_cfg.resolution,
-            data_cfg.channels,
-            data_cfg.num_classes,
-        )
+        return _synthetic_source(data_cfg, data_cfg.num_examples, seed=0, text=text)
     if source == "tfds":
         if not data_cfg.tfds_name:
             raise ValueError(
@@ -141,7 +148,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, text: bool = False):
             else "eflow_jax.data.sources.write_latents"
         )
         raise ValueError(f"data.source={source!r} needs data.path; create the data with:\n  {hint}")
-    text_dir = text_embeddings_dir(data_cfg) if text else None
+    text_dir = text_embeddings_dir(data_cfg) if text is not None else None
     if source == "arrayrecord":
         return ArrayRecordClipSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt, text_dir=text_dir)
     return LatentSource(data_cfg.path, on_corrupt=data_cfg.on_corrupt, text_dir=text_dir)
@@ -295,7 +302,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     float_video: bool = True,
-    text: bool = False,
+    text: Encode | None = None,
 ) -> grain.DatasetIterator:
     """Infinite, shuffled per-process batches {'video': float32 [b,T,H,W,C], 'label': int32 [b]}.
 
@@ -306,7 +313,7 @@ def make_train_iterator(
         process_index, process_count: this process's slice of every epoch.
         float_video: False leaves pixel videos uint8 as stored (train.to_model_input scales them
           on the device); latents are float32 either way.
-        text: join each example's caption embedding (text-conditioned runs).
+        text: the run's caption encoder (text-conditioned runs): see make_source.
 
     Returns:
         a grain DatasetIterator; save/restore its position with get_state()/set_state().
@@ -338,7 +345,7 @@ def make_eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
     drop_remainder: bool = False,
-    text: bool = False,
+    text: Encode | None = None,
 ) -> grain.DatasetIterator:
     """One pass, in order, central crops: real clips for FVD statistics.
 
@@ -359,30 +366,73 @@ def make_eval_iterator(
 HELDOUT_SEED = 1_000_003  # Synthetic held-out clips: a dataset seed no training run uses.
 
 
-def heldout_clips(data_cfg: ml_collections.ConfigDict, num: int) -> tuple[np.ndarray, np.ndarray]:
-    """`num` held-out clips (float32 [num, T, H, W, C] in model space) and labels, deterministic.
+def heldout_batch(data_cfg: ml_collections.ConfigDict, num: int, text: Encode | None = None) -> dict[str, np.ndarray]:
+    """`num` held-out clips as one batch, deterministic: 'video' float32 [num, T, H, W, C] in model space,
+    'label', and with `text` (the run's caption encoder) 'text_embedding' and 'text_mask'.
 
     Synthetic data draws them from another dataset seed (never seen in training); other sources
     take the first `num` clips of `data.split` (central crops), so point that at a held-out split.
     """
     if data_cfg.source != "synthetic":
-        batch = next(make_eval_iterator(data_cfg, batch_size=num, num_examples=num))
-        return np.asarray(batch["video"], np.float32), np.asarray(batch["label"], np.int32)
-    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
-    source = MovingShapesSource(num, span, data_cfg.resolution, data_cfg.resolution, data_cfg.channels,
-                                data_cfg.num_classes, seed=HELDOUT_SEED)
-    transform = _transform(data_cfg, train=False)
-    items = [transform.random_map(source[i], None) for i in range(num)]
-    batch = _ToModelInput(latents=False).map({"video": np.stack([e["video"] for e in items]),
-                                              "label": np.stack([e["label"] for e in items])})
-    return batch["video"], batch["label"]
+        batch = next(make_eval_iterator(data_cfg, batch_size=num, num_examples=num, text=text))
+    else:
+        source = _synthetic_source(data_cfg, num, seed=HELDOUT_SEED, text=text)
+        transform = _transform(data_cfg, train=False)
+        items = [transform.random_map(source[i], None) for i in range(num)]
+        batch = _ToModelInput(latents=False).map({k: np.stack([e[k] for e in items]) for k in items[0]
+                                                  if k not in ("caption",)})
+    out = {"video": np.asarray(batch["video"], np.float32), "label": np.asarray(batch["label"], np.int32)}
+    return out | {k: np.asarray(batch[k]) for k in ("text_embedding", "text_mask") if k in batch}
 
 
 def heldout_captions(data_cfg: ml_collections.ConfigDict, num: int) -> list[str]:
-    """Captions of the first `num` clips of data.split (prompts for a text run's samples when none are given)."""
-    source = make_source(data_cfg)
+    """Captions of `num` held-out clips (prompts for a text run's samples when none are given)."""
+    if data_cfg.source == "synthetic":
+        source = _synthetic_source(data_cfg, num, seed=HELDOUT_SEED)
+    else:
+        source = make_source(data_cfg)
     captions = [str(source[i].get("caption", "")) for i in range(min(num, len(source)))]
     return [c for c in captions if c.strip()]
+
+
+class CaptionedTextSource:
+    """The synthetic captioned set as training reads it: each example's caption id as its 'label', and,
+    given the run's encoder, its caption's embedding (the 160 captions are encoded once, here)."""
+
+    def __init__(self, captions: synthetic.CaptionedShapesSource, encode: Encode | None = None):
+        self.captions, self.clip_shape, self.text = captions, captions.clip_shape, None
+        if encode is not None:
+            emb, mask = encode(synthetic.all_captions())
+            self.text = CaptionTable(np.asarray(emb), np.asarray(mask, bool))
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.captions[index]
+        out = {"video": example["video"], "label": example["caption_id"], "caption": example["caption"]}
+        if self.text is not None:
+            out |= {"text_embedding": self.text.embeddings[example["caption_id"]],
+                    "text_mask": self.text.masks[example["caption_id"]]}
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTable:
+    """Embeddings of a finite caption list, by caption id (what TextEmbeddings is for prepared data)."""
+
+    embeddings: np.ndarray  # [num_captions, L, D]
+    masks: np.ndarray  # bool [num_captions, L]
+
+    @property
+    def max_len(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def d_model(self) -> int:
+        return self.embeddings.shape[2]
+
+    path = "the synthetic captions' table"
 
 
 def _check_text(source, data_cfg, text_shape: tuple[int, int]) -> None:
@@ -397,19 +447,32 @@ def _check_text(source, data_cfg, text_shape: tuple[int, int]) -> None:
                          f"{text.max_len}, {text.d_model}.")
 
 
+def _synthetic_source(data_cfg: ml_collections.ConfigDict, num_examples: int, seed: int, text: Encode | None = None):
+    """The synthetic set data_cfg names, with clips long enough for num_frames x frame_stride."""
+    span = (data_cfg.num_frames - 1) * data_cfg.frame_stride + 1
+    if data_cfg.get("synthetic_kind") == "captions":
+        captions = synthetic.CaptionedShapesSource(num_examples, span, data_cfg.resolution, data_cfg.resolution,
+                                                   split=data_cfg.get("caption_split", "train"), seed=seed)
+        return CaptionedTextSource(captions, text)
+    # .get: run snapshots written before the hard set existed lack these fields.
+    return synthetic.make_synthetic_source(
+        data_cfg.get("synthetic_kind", "colour"), num_examples, span, data_cfg.resolution, data_cfg.resolution,
+        data_cfg.channels, data_cfg.num_classes, seed=seed, textured=data_cfg.get("synthetic_textured", False))
+
+
 def _stored_shape(source) -> tuple[int, ...]:
     if isinstance(source, ArrayRecordClipSource):
         return source.clip_shape
     if isinstance(source, LatentSource):
         return source.latent_shape
-    if isinstance(source, MovingShapesSource):
+    if isinstance(source, MovingShapesSource | synthetic.HardShapesSource):
         return source.clip_shape
     return tuple(source[0]["video"].shape)
 
 
 def validate_data_config(
     data_cfg: ml_collections.ConfigDict, *, model_frames: int, model_size: int, model_channels: int,
-    text_shape: tuple[int, int] | None = None,
+    text_shape: tuple[int, int] | None = None, text: Encode | None = None,
 ) -> None:
     """Fails early, with the fix in the message, when the data cannot feed the model.
 
@@ -426,7 +489,7 @@ def validate_data_config(
         )
     if data_cfg.on_corrupt not in ("skip", "fail"):
         raise ValueError(f"data.on_corrupt must be 'skip' or 'fail', got {data_cfg.on_corrupt!r}")
-    source = make_source(data_cfg, text_shape is not None)  # Raises for unknown sources and missing paths.
+    source = make_source(data_cfg, text)  # Raises for unknown sources and missing paths.
     if not len(source):
         raise ValueError(f"data source {data_cfg.source!r} at {data_cfg.path!r} is empty")
     if text_shape is not None:
