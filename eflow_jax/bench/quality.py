@@ -50,6 +50,41 @@ def sample_settings(config: ml_collections.ConfigDict) -> list[tuple[str, int, m
     return out
 
 
+def _scorer(config: ml_collections.ConfigDict, num_clips: int):
+    """score(prog, params, num_steps, sample_cfg) -> scalars of the gauge config.eval.metric names: the
+    shapes gauges score `num_clips` clips cycling over the classes; a text run (the captioned set) half
+    prompts of seen and half of held-back attribute combinations, with the caption gauge."""
+    if config.model.context_dim:
+        from eflow_jax.eval import captions
+
+        gauge = captions.CaptionGauge.for_geometry(config.data.num_frames, config.data.resolution)
+        seen, unseen = captions.prompts("train"), captions.prompts("unseen")
+        picks = [(g, i % len(g[0])) for g, n in ((seen, num_clips - num_clips // 2), (unseen, num_clips // 2))
+                 for i in range(n)]
+        prompts = [g[0][i] for g, i in picks]
+        attributes = np.stack([g[2][i] for g, i in picks])
+        emb, mask = text.encode_prompts(config, prompts)
+        requests = sample.Requests(text=emb, text_mask=mask, prompts=tuple(prompts))
+
+        def score(prog, params, n, scfg):
+            videos = sample.generate(config, prog.net, params, requests, n, seed=1, batch_size=num_clips,
+                                     sample_cfg=scfg, mesh=prog.mesh)
+            return captions.scalars(gauge.report(videos, attributes), prefix="captions")
+
+        return score
+    from eflow_jax.eval import shapes
+
+    gauge = shapes.ShapesGauge.for_config(config)
+    labels = [i % config.model.num_classes for i in range(num_clips)]
+
+    def score(prog, params, n, scfg):
+        videos = sample.generate(config, prog.net, params, labels, n, seed=1, batch_size=num_clips,
+                                 sample_cfg=scfg, mesh=prog.mesh)
+        return gauge.score(videos, np.asarray(labels))
+
+    return score
+
+
 def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_clips: int, tag: str,
                   gauge: bool = True, timing_dir: str = "", parallel: int = 1):
     """Trains `config` with the CLI's program (train.setup) and yields one result dict per eval step.
@@ -61,17 +96,13 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
     prog = train.setup(config)
     state = prog.init_state(config.seed)
     data = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
-                                        float_video=False)
+                                        float_video=False, text=text.caption_encoder(config))
     batches = loop.DevicePrefetcher(data, lambda b: sharding.to_global_batch(b, prog.mesh))
     held = pipeline.heldout_batch(config.data, 64, text.caption_encoder(config))
     fixed = probe.make_probe(held["video"], condition.from_batch(held, labels=config.model.num_classes > 0,
                                                                  text=config.model.context_dim > 0))
     probe_fn = jax.jit(lambda p: probe.probe_metrics(prog.net, p, fixed))
-    if gauge:
-        from eflow_jax.eval import shapes
-
-        gauge = shapes.ShapesGauge.for_config(config)
-    gen_labels = [i % config.model.num_classes for i in range(num_clips)]
+    score = _scorer(config, num_clips) if gauge else None
 
     train_s = 0.0
     for step in range(1, config.total_steps + 1):
@@ -89,10 +120,8 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
                    compile_s=round(prog.compile_s, 1), parallel=parallel,
                    device=jax.devices()[0].device_kind, loss=float(metrics["loss"]))
         row |= {k: float(v) for k, v in probe_fn(state.params).items()}
-        for name, n, scfg in sample_settings(config) if gauge else ():
-            videos = sample.generate(config, prog.net, state.ema_params, gen_labels, n, seed=1,
-                                     batch_size=num_clips, sample_cfg=scfg, mesh=prog.mesh)
-            row |= {f"{name}/{k}": v for k, v in gauge.score(videos, np.asarray(gen_labels)).items()}
+        for name, n, scfg in sample_settings(config) if score else ():
+            row |= {f"{name}/{k}": v for k, v in score(prog, state.ema_params, n, scfg).items()}
         yield row
     if timing_dir:
         yield dict(bench="quality_step_time", tag=tag, objective=config.objective.name, batch=config.batch_size,
@@ -133,13 +162,19 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=1, help="Runs sharing the card (with --timing_dir).")
     p.add_argument("--hard", default="false", choices=("true", "false"),
                    help="The hard set (configs/shapes.py:hard=1): classes differ by shape and motion only.")
+    p.add_argument("--t2v", default="false", choices=("true", "false"),
+                   help="Text-to-video on the captioned set (configs/t2v.py:data=shapes), scored by the caption gauge.")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="", help="Also append the JSON lines to this file.")
     a = p.parse_args()
     eval_at = sorted({int(v) for v in a.eval_at.split(",") if v} | {a.steps})
     for objective in a.objectives.split(","):
-        config = config_file.load(config_file.in_repo("shapes.py"), f"objective={objective},size={a.size},"
-                                  f"variant={a.variant},steps={a.steps},batch={a.batch},hard={a.hard}")
+        if a.t2v == "true":
+            config = config_file.load(config_file.in_repo("t2v.py"), f"data=shapes,objective={objective},"
+                                      f"variant={a.variant},steps={a.steps},batch={a.batch}")
+        else:
+            config = config_file.load(config_file.in_repo("shapes.py"), f"objective={objective},size={a.size},"
+                                      f"variant={a.variant},steps={a.steps},batch={a.batch},hard={a.hard}")
         for assignment in a.set:
             config_file.override(config, assignment)
         for row in run_objective(config, eval_at, a.num_clips, a.tag or objective, a.gauge == "true",
