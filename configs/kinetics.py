@@ -8,7 +8,8 @@ Prepare the data once (see docs/DATA.md), then:
 
 Args (comma separated): variant (tiny|S|B|L|XL), objective (eflow|solution_flow|flow_matching),
 baseline (dense full-attention SoFlow DiT: no drop, joint conditioning), data (pixels|latents),
-runlocal (a few steps on small clips with synthetic data, for smoke tests), short (a run or
+runlocal (a few steps on small clips with synthetic data, for smoke tests; with data=latents a tiny model on
+the 5x8x8x4 latents a tiny random VAE makes of 17x64x64 clips, at --config.data.path), short (a run or
 fine-tune of `steps` steps, default 20k: EMA 0.999 with warmup, lr warmup, denser checkpoints),
 flip (random horizontal flips; turn off when direction carries the class, as in configs/shapes.py).
 
@@ -49,8 +50,15 @@ def get_config(arg=None):
     if a.runlocal:
         c.total_steps, c.batch_size = 20, 8
         c.optim.ema_warmup = True  # 20 steps: a fixed 0.9999 EMA would stay at the init.
-        c.data.update(source="synthetic", path="", num_examples=256, worker_count=0)
         c.log.update(every_steps=5, sample_every=0, num_samples=2)
         c.checkpoint.update(save_every=10)
+        if a.data == "latents":  # Latents of 17x64x64 clips by a tiny random 4-channel VAE (tests): 5x8x8x4.
+            c.model.update(variant="tiny", video_shape=(5, 8, 8, 4), patch=(1, 2, 2), tile=(5, 4, 4),
+                           cell=(1, 4, 4), dtype="float32")
+            c.data.update(num_frames=5, resolution=8, channels=4, worker_count=0)
+            c.objective.dense_finetune_frac = 0.0
+            c.batch_size = 16
+        else:
+            c.data.update(source="synthetic", path="", num_examples=256, worker_count=0)
     c.data.num_classes = c.model.num_classes
     return c

@@ -15,7 +15,8 @@ Args (comma separated): data (pixels | latents | shapes), variant, objective, st
   shapes   the synthetic captioned set (no download): moving shapes whose captions state size, colour, shape
            and direction, 20% of the combinations never seen in training, a frozen random tiny encoder
            ('tiny-random'), variant S at 16x32x32; scored by the caption gauge (eflow_jax/eval/captions.py).
-  runlocal a few CPU steps of a tiny model on the captioned set (smoke tests, the README's T2V commands).
+  runlocal a few CPU steps of a tiny model on the captioned set; with data=pixels on prepared 4x16x16
+           captioned clips (--config.data.path) and a 64-wide encoder (tests, the README's T2V commands).
 The encoder is UMT5-XXL-sized (4096 wide) for pixels/latents: set text.encoder to the checkpoint the
 embeddings were made with; its width must equal model.context_dim.
 """
@@ -24,8 +25,11 @@ from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, data="pixels", variant="B", objective="eflow", steps=400_000, batch=256,
+    a = common.parse_arg(arg, data="", variant="B", objective="eflow", steps=400_000, batch=256,
                          runlocal=False)
+    a.data = a.data or ("shapes" if a.runlocal else "pixels")  # runlocal alone: the captioned set, no files.
+    if a.runlocal and a.data == "pixels":
+        return _local_pixels(a)
     if a.runlocal or a.data == "shapes":
         return _synthetic(a)
     c = common.base_config(a.variant, a.objective)
@@ -39,6 +43,15 @@ def get_config(arg=None):
         c.model.update(video_shape=(5, 32, 32, 16), patch=(1, 2, 2), tile=(5, 4, 4), cell=(1, 4, 4))
     elif a.data != "pixels":
         raise ValueError(f"t2v data={a.data!r}: use pixels, latents or shapes.")
+    return c
+
+
+def _local_pixels(a):
+    """CPU smoke runs on prepared captioned clips (4x16x16) and a small encoder (64 wide, e.g. the
+    tiny random one): --config.data.path and --config.text.encoder name them."""
+    c = _synthetic(a)
+    c.model.update(video_shape=(4, 16, 16, 3))
+    c.data.update(source="arrayrecord", path="", num_frames=4, resolution=16, synthetic_kind="colour")
     return c
 
 

@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import json
 import os
+import sys
 import time
 
 import jax
@@ -104,7 +105,8 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
     probe_fn = jax.jit(lambda p: probe.probe_metrics(prog.net, p, fixed))
     score = _scorer(config, num_clips) if gauge else None
 
-    train_s = 0.0
+    train_s, started = 0.0, time.perf_counter()
+    print(f"{tag}: compiled in {prog.compile_s:.0f}s", file=sys.stderr, flush=True)
     for step in range(1, config.total_steps + 1):
         batch = next(batches)
         step_fn = prog.step_for(step)  # Compiles the dense fine-tune's step at the switch: not timed.
@@ -113,6 +115,8 @@ def run_objective(config: ml_collections.ConfigDict, eval_at: list[int], num_cli
         if step in eval_at:
             jax.block_until_ready(metrics)
         train_s += time.perf_counter() - start  # Async dispatch: settled at every eval step.
+        if step % 100 == 0 or step == 1:  # On stderr: a run that is slow says where it is.
+            print(f"{tag}: step {step}, {time.perf_counter() - started:.0f}s since start", file=sys.stderr, flush=True)
         if step not in eval_at:
             continue
         row = dict(bench="quality", tag=tag, objective=config.objective.name, gauge=config.eval.metric, step=step,
