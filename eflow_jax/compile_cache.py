@@ -21,12 +21,14 @@ Only point the directory at a place you alone can write to: both layers run what
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,20 +45,23 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 # ---- jax's persistent compilation cache ----
 
-_CACHE_HITS = [0]
+# Per thread: jax reports a hit on the thread that compiles, and other threads compile beside the step
+# (the dense fine-tune's program in the background, the data workers' first batch): a process-wide count
+# mislabelled a fresh step compile as a cache hit under load, so its executable was never saved.
+_CACHE_HITS: collections.Counter = collections.Counter()
 
 
 def _count_cache_hits(event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_HITS[0] += 1
+        _CACHE_HITS[threading.get_ident()] += 1
 
 
 jax.monitoring.register_event_listener(_count_cache_hits)
 
 
 def cache_hits() -> int:
-    """jax persistent-cache hits in this process so far (compare before and after a compile)."""
-    return _CACHE_HITS[0]
+    """jax persistent-cache hits on this thread so far (compare before and after a compile)."""
+    return _CACHE_HITS[threading.get_ident()]
 
 
 def default_dir() -> str:

@@ -167,3 +167,17 @@ def test_a_restart_loads_the_train_step_without_tracing(tmp_path):
     assert "loaded the first train step" in log
     assert warm["compile_s"] < cold["compile_s"]
     assert warm["loss"] == cold["loss"] and warm["grad_norm"] == cold["grad_norm"]  # The same program, bit for bit.
+
+
+def test_cache_hits_on_another_thread_do_not_count_for_this_one():
+    """A compile on another thread (the background dense program) that hits jax's cache must not make this
+    thread's fresh compile look like a hit (its executable would then never be saved)."""
+    import threading
+
+    before = compile_cache.cache_hits()
+    other = threading.Thread(target=lambda: compile_cache._count_cache_hits("/jax/compilation_cache/cache_hits"))
+    other.start()
+    other.join()
+    assert compile_cache.cache_hits() == before
+    compile_cache._count_cache_hits("/jax/compilation_cache/cache_hits")
+    assert compile_cache.cache_hits() == before + 1
