@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eflow_jax.flow.condition import Condition
 from eflow_jax.models import dit, tokens
 from eflow_jax.models.embed import apply_rope, rope_angles
 from eflow_jax.models.glga import GLGA, TokenContext
@@ -195,7 +196,7 @@ def test_dit_local_only_input_patch_reaches_exactly_its_tile(keep_per_group):
     model, net, params = _dit_local(keep_per_group)
     layout = dit.layout_of(model.config)
     x = jax.random.normal(jax.random.key(2), (1, 2, 8, 8, 3))
-    t, s, y = jnp.array([0.7]), jnp.array([0.2]), jnp.array([1])
+    t, s, y = jnp.array([0.7]), jnp.array([0.2]), Condition.of_labels(jnp.array([1]))
     keep = net.sample_keep(jax.random.key(3), 1)
     assert (keep is None) == (keep_per_group == 2)
     f = jax.jit(lambda x_: net(params, x_, t, s, y, keep))

@@ -96,3 +96,15 @@ def test_model_diff_reads_json_forms():
     saved = json.loads(ml_collections.ConfigDict(dict(a=(1, 2), b=dict(c=1))).to_json())
     assert rundir.model_diff(saved, {"a": [1, 2], "b": {"c": 1}}) == []
     assert rundir.model_diff(saved, {"a": [1, 2], "b": {}}) == ["model.b.c: 1 -> <absent>"]
+
+
+def test_snapshots_from_before_text_conditioning_still_resume():
+    """A class-conditional run's config.json has no model.context_len (added with text): it still resumes; a
+    text run's context_len is compared."""
+    from eflow_jax.models import dit
+
+    current = json.loads(dit.model_config("tiny").to_json())
+    old = {k: v for k, v in current.items() if k != "context_len"}
+    assert rundir.model_diff(old, current) == []
+    text = dict(current, context_dim=64)
+    assert rundir.model_diff(dict(old, context_dim=64), text) == ["model.context_len: <absent> -> 77"]
