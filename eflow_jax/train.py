@@ -55,7 +55,9 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         save_every=2_000, keep_last=3, keep_every=50_000, async_save=True,
         init_from="",  # Another run's workdir/ckpt (or a step dir): params + EMA only.
-        restore_step=-1,  # -1: the latest; else resume from this committed step (later ones are set aside).
+        # -1: the latest; else resume from this committed step (later ones are set aside). Acts once: a
+        # requeue that repeats it resumes from the newest step (checkpoint.restore_or_init).
+        restore_step=-1,
     ))
 
 
