@@ -46,8 +46,10 @@ orbax logs a lot at INFO under absl; entry points should call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -309,6 +311,27 @@ class Checkpointer:
         self.close()
 
 
+# orbax warnings that every read-only load prints and that read like a broken checkpoint: a manager
+# opened read-only says so, and an item directory has no _CHECKPOINT_METADATA of its own (the step has it).
+_BENIGN_ON_READ = ("Given directory is read only", "Metadata file does not exist")
+
+
+class _BenignOrbaxReadWarnings(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and str(record.msg).startswith(_BENIGN_ON_READ))
+
+
+@contextlib.contextmanager
+def _quiet_reads():
+    """Drops _BENIGN_ON_READ while a params-only load runs (orbax logs through absl's logger)."""
+    quiet, logger = _BenignOrbaxReadWarnings(), std_logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _pytree_restore_args(abstract: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
     kwargs = {"partial_restore": True} if partial else {}
     return ocp.args.PyTreeRestore(
@@ -344,6 +367,13 @@ def _restore_subtrees(
     orbax's partial restore silently returns the abstract leaf for a path it does not find, so the
     requested paths are checked against the checkpoint's metadata first.
     """
+    with _quiet_reads():
+        return _restore_subtrees_loudly(directory, abstract_subtrees, step)
+
+
+def _restore_subtrees_loudly(
+    directory: str | os.PathLike, abstract_subtrees: Mapping[str, PyTree], step: int | None
+) -> tuple[dict[str, PyTree], int]:
     directory, step = _resolve_step(_local_path(directory), step)
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     with ocp.CheckpointManager(
@@ -532,8 +562,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
     A read-only manager: reading beside a running job must not touch its files.
     """
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(_local_path(directory), options=options) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with _quiet_reads(), ocp.CheckpointManager(_local_path(directory), options=options) as manager:
         return manager.latest_step()
 
 
@@ -545,6 +575,6 @@ def save_params(directory: str | os.PathLike, params: PyTree) -> None:
 
 def restore_saved_params(directory: str | os.PathLike, abstract_params: PyTree) -> PyTree:
     """Reads params written by `save_params` into `abstract_params`' shapes and shardings."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_reads(), ocp.PyTreeCheckpointer() as ckptr:
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
         return ckptr.restore(_local_path(directory), item=abstract_params, restore_args=restore_args)

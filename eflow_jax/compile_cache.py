@@ -409,8 +409,16 @@ def _prune(directory: str, keep: int) -> None:
             stale.unlink()  # Another run may have pruned it already.
 
 
-def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple[Any, dict]:
+def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str, what: str = "") -> tuple[Any, dict]:
     """The compiled program: our executable cache, else lower() + compile (through jax's cache).
+
+    Args:
+      lower: () -> jax.stages.Lowered (traced and lowered only on a miss).
+      cache_dir: configure()'s directory ('' off).
+      key: program_key() of the program.
+      what: the program in words ('the first train step'): when given, a line says that it compiles,
+        and about how long that took the last time, before the compile starts (tens of seconds to
+        minutes of silence otherwise).
 
     Returns (compiled, facts) with facts = compile_s (wall, all of it), lower_s (tracing and
     lowering; 0 on an executable hit), save_s (writing our executable; part of compile_s) and
@@ -425,6 +433,8 @@ def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple
     if compiled is not None:
         return compiled, dict(compile_s=time.perf_counter() - start, lower_s=0.0, save_s=0.0,
                               source="executable")
+    if what:
+        _announce_compile(what, cache_dir)
     hits = cache_hits()
     lowered = lower()
     lower_s = time.perf_counter() - start
@@ -437,4 +447,41 @@ def compile_or_load(lower: Callable[[], Any], cache_dir: str, key: str) -> tuple
         # then traces and hits jax's layer again, which is all this one did.
         save_executable(path, compiled)
     end = time.perf_counter()
+    if what and cache_dir and source == "compiled":
+        _remember_compile_s(cache_dir, what, saved - start)
     return compiled, dict(compile_s=end - start, lower_s=lower_s, save_s=end - saved, source=source)
+
+
+# ---- how long the last fresh compile took, for the line before the next one ----
+
+_TIMES_NAME = "compile_seconds.json"  # {what: seconds}: a number for a log line, nothing that runs.
+
+
+def _compile_times(cache_dir: str) -> dict:
+    try:
+        with open(os.path.join(cache_dir, _TIMES_NAME)) as f:
+            times = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return times if isinstance(times, dict) else {}
+
+
+def _remember_compile_s(cache_dir: str, what: str, seconds: float) -> None:
+    times = _compile_times(cache_dir) | {what: round(seconds, 1)}
+    tmp = os.path.join(cache_dir, f"{_TIMES_NAME}.tmp.{os.getpid()}.{threading.get_ident()}")
+    try:  # Trouble writing here is the executable's save's to report (it warns once).
+        with open(tmp, "w") as f:
+            json.dump(times, f)
+        os.replace(tmp, os.path.join(cache_dir, _TIMES_NAME))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _announce_compile(what: str, cache_dir: str) -> None:
+    last = _compile_times(cache_dir).get(what) if cache_dir else None
+    took = (f"~{last:.0f} s, as its last fresh compile here" if isinstance(last, (int, float))
+            else "up to minutes the first time")
+    later = ("later starts load it from the cache" if cache_dir else
+             "the compile cache is off (train.compile_cache_dir=''): every start compiles it")
+    logging.info("compiling %s (%s; %s) ...", what, took, later)

@@ -390,10 +390,11 @@ def setup(config: ml_collections.ConfigDict) -> Program:
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         name = "train_step_dense" if dense else "train_step"
         key = compile_cache.program_key(config_json, name, (abstract_state, batch_spec))
+        what = f"the {'dense fine-tune' if dense else 'first'} train step"
         compiled, facts = compile_cache.compile_or_load(lambda: step_fn.lower(abstract_state, batch_spec),
-                                                        cache_dir, key)
-        logging.info("%s the %s train step in %.1fs (%.1fs tracing and lowering)", _HOW[facts["source"]],
-                     "dense fine-tune" if dense else "first", facts["compile_s"], facts["lower_s"])
+                                                        cache_dir, key, what=what)
+        logging.info("%s %s in %.1fs (%.1fs tracing and lowering)", _HOW[facts["source"]], what,
+                     facts["compile_s"], facts["lower_s"])
         if config.train.check_memory:
             _log_memory(compiled)
         return compiled, facts

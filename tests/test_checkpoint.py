@@ -438,6 +438,29 @@ def test_restore_step_left_in_a_requeue_command_acts_once(tmp_path, caplog):
     ckpt.close()
 
 
+def test_params_only_loads_print_no_orbax_warnings_that_read_like_a_broken_checkpoint(tmp_path, caplog):
+    """Issue 25.11: --mode=sample/export/eval printed orbax's 'Metadata file does not exist ...
+    _CHECKPOINT_METADATA' and 'Given directory is read only' on every healthy load."""
+    from eflow_jax.checkpoint import latest_step, restore_saved_params, save_params
+
+    w = {"w": jnp.arange(8.0)}
+    with Checkpointer(tmp_path / "ckpt", save_every=1, async_save=False) as ckpt:
+        ckpt.save(3, {"params": w, "ema_params": w})
+    save_params(tmp_path / "export" / "params", w)
+    abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(_mesh(8, 1), P()))}
+    with caplog.at_level("INFO"):
+        assert latest_step(tmp_path / "ckpt") == 3  # --mode=eval
+        ema = restore_params(tmp_path / "ckpt", abstract, which="ema")  # --mode=sample / export
+        exported = restore_saved_params(tmp_path / "export" / "params", abstract)  # sampling an export
+    np.testing.assert_array_equal(ema["w"], np.arange(8.0))
+    np.testing.assert_array_equal(exported["w"], np.arange(8.0))
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert not noisy, noisy
+    with caplog.at_level("WARNING"):  # Only those two are dropped, and only during the loads.
+        logging.warning("Given directory is read only=%s", "elsewhere")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == ["Given directory is read only=elsewhere"]
+
+
 def test_save_errors_are_one_line_with_the_step_and_the_os_error(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path, save_every=1)
     assert ckpt.save(1, {"w": jnp.ones(4)})

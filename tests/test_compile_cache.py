@@ -161,13 +161,15 @@ def _run_cli(workdir, cache_dir):
 
 def test_a_restart_loads_the_train_step_without_tracing(tmp_path):
     cache = tmp_path / "cache"
-    cold, _ = _run_cli(tmp_path / "a", cache)
+    cold, cold_log = _run_cli(tmp_path / "a", cache)
+    announce = cold_log.index("compiling the first train step (up to minutes the first time; later starts load it")
+    assert announce < cold_log.index("compiled the first train step in")  # Said before the silent compile.
     assert os.listdir(compile_cache.executables_dir(str(cache)))
     assert [p for p in os.listdir(cache) if p.endswith("-cache")], "nothing in jax's own layer"
     warm, log = _run_cli(tmp_path / "b", cache)
     assert (cold["trace_skipped"], cold["compile_cache_hit"]) == (0.0, 0.0)
     assert (warm["trace_skipped"], warm["compile_cache_hit"], warm["lower_s"]) == (1.0, 1.0, 0.0)
-    assert "loaded the first train step" in log
+    assert "loaded the first train step" in log and "compiling the first train step" not in log
     assert warm["compile_s"] < cold["compile_s"]
     assert warm["loss"] == cold["loss"] and warm["grad_norm"] == cold["grad_norm"]  # The same program, bit for bit.
 
@@ -393,3 +395,26 @@ def test_the_signing_key_is_the_users_alone(tmp_path, caplog):
     assert facts["source"] == "compiled" and len(traces) == 1
     (warning,) = _cache_warnings(caplog)
     assert key_file in warning and "only you" in warning
+
+
+def test_a_line_says_what_compiles_before_the_compile_starts(tmp_path, caplog):
+    """Issue 25.11: the train step's compile (40-77 s on a CPU) was silent until it ended."""
+    key = compile_cache.program_key("{}", "step", INPUTS)
+    program = _program(2.0, [])
+    said_before_lowering = []
+
+    def lower():
+        said_before_lowering.append([r.getMessage() for r in caplog.records if "compiling" in r.getMessage()])
+        return program()
+
+    with caplog.at_level("INFO"):
+        compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")
+        os.remove(os.path.join(compile_cache.executables_dir(str(tmp_path)), f"{key}.exe"))  # Compiles again.
+        compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")
+        compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")  # Loaded: no line.
+        compile_cache.compile_or_load(lower, "", key, what="the test step")
+    first, again, off = said_before_lowering
+    assert first == ["compiling the test step (up to minutes the first time; later starts load it from the "
+                     "cache) ..."]
+    assert again[-1].startswith("compiling the test step (~0 s, as its last fresh compile here; later starts")
+    assert len(off) == 3 and "the compile cache is off (train.compile_cache_dir='')" in off[-1]
