@@ -31,7 +31,9 @@ Conventions:
 
 Failures are one line (`CheckpointError`): a save names the step and the OS error; a restore that
 fails names the step and the previous committed one, which ``restore_step`` resumes from (the later
-steps are moved to ``<directory>.set_aside/``, not deleted).
+steps are moved to ``<directory>.set_aside/``, not deleted). ``restore_step`` acts once: it is recorded
+in ``<directory>.restore_step.json``, and a later run given the same step (a requeue that kept the flag)
+resumes from the newest step instead of setting aside what was trained since.
 
 Why work is never lost: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it on
 commit, so a kill during a save leaves a tmp directory that `latest_step`/`restore` ignore and the
@@ -44,8 +46,12 @@ orbax logs a lot at INFO under absl; entry points should call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging as std_logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -260,7 +266,12 @@ class Checkpointer:
             aside = f"{self.directory.rstrip('/')}.set_aside"
             os.makedirs(aside, exist_ok=True)
             for s in later:
-                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, f"{s}.{os.getpid()}"))
+                # Not over an earlier one (a container's pid is often the same from run to run).
+                name, n = f"{s}.{os.getpid()}", 0
+                while os.path.lexists(os.path.join(aside, name)):
+                    n += 1
+                    name = f"{s}.{os.getpid()}.{n}"
+                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, name))
             logging.warning("Moved steps %s to %s to resume from step %d.", later, aside, step)
         if later:
             if jax.process_count() > 1:
@@ -270,11 +281,55 @@ class Checkpointer:
             self._manager.reload()
         return later
 
+    @property
+    def _restore_record(self) -> str:
+        return f"{self.directory.rstrip('/')}.restore_step.json"
+
+    def applied_restore_step(self) -> int | None:
+        """The restore_step last applied to this directory (None: never, or the record is unreadable)."""
+        try:
+            with open(self._restore_record) as f:
+                return int(json.load(f)["restore_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_restore_step(self, step: int, set_aside: list[int]) -> None:
+        """Notes that resuming from `step` was applied (process 0 writes)."""
+        if jax.process_index() != 0:
+            return
+        record = dict(restore_step=int(step), set_aside=[int(s) for s in set_aside],
+                      time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        tmp = f"{self._restore_record}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, self._restore_record)
+
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# orbax warnings that every read-only load prints and that read like a broken checkpoint: a manager
+# opened read-only says so, and an item directory has no _CHECKPOINT_METADATA of its own (the step has it).
+_BENIGN_ON_READ = ("Given directory is read only", "Metadata file does not exist")
+
+
+class _BenignOrbaxReadWarnings(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and str(record.msg).startswith(_BENIGN_ON_READ))
+
+
+@contextlib.contextmanager
+def _quiet_reads():
+    """Drops _BENIGN_ON_READ while a params-only load runs (orbax logs through absl's logger)."""
+    quiet, logger = _BenignOrbaxReadWarnings(), std_logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _pytree_restore_args(abstract: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
@@ -312,6 +367,13 @@ def _restore_subtrees(
     orbax's partial restore silently returns the abstract leaf for a path it does not find, so the
     requested paths are checked against the checkpoint's metadata first.
     """
+    with _quiet_reads():
+        return _restore_subtrees_loudly(directory, abstract_subtrees, step)
+
+
+def _restore_subtrees_loudly(
+    directory: str | os.PathLike, abstract_subtrees: Mapping[str, PyTree], step: int | None
+) -> tuple[dict[str, PyTree], int]:
     directory, step = _resolve_step(_local_path(directory), step)
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     with ocp.CheckpointManager(
@@ -402,6 +464,9 @@ def restore_or_init(
       data_iter: grain iterator to rewind when resuming (left untouched otherwise).
       init_from: another run's checkpoint directory (or step directory) to take params from.
       restore_step: resume from this committed step instead of the latest (later ones are set aside).
+        Applied once per step value: a later run given the same value (a requeue whose command kept
+        the flag) resumes from the newest step, keeping what was trained since; it rewinds again only
+        if that newest step cannot be restored and no other step lies between.
 
     Returns:
       (state, start_step, source) with source one of 'workdir', 'init_from', 'scratch'; the loop
@@ -412,19 +477,24 @@ def restore_or_init(
         if restore_step not in steps:
             raise CheckpointError(f"checkpoint.restore_step={restore_step} is not a committed step in "
                                   f"{checkpointer.directory} (it has {steps}); pick one of them or -1 (the latest).")
-        checkpointer.set_aside_after(restore_step)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logging.info("Resuming from %s step %d.", checkpointer.directory, latest)
-        try:
-            return checkpointer.restore(abstract_state, data_iter, step=latest), latest, "workdir"
-        except Exception as e:
-            earlier = [s for s in steps if s < latest]
-            offer = (f"to resume from the previous committed step, rerun with --config.checkpoint.restore_step="
-                     f"{earlier[-1]} (step {latest} is moved aside, not deleted)" if earlier else
-                     "there is no earlier step; use a new --workdir")
-            raise CheckpointError(f"cannot restore step {latest} from {checkpointer.directory} "
-                                  f"({_one_line(e)}); {offer}.") from e
+        since = [s for s in steps if s > restore_step]
+        if since and checkpointer.applied_restore_step() == restore_step:
+            # The flag did its job in an earlier run; these steps were trained after it. Setting them
+            # aside again would retrain them on every requeue.
+            logging.warning("checkpoint.restore_step=%d was applied to %s by an earlier run; steps %s trained "
+                            "since are kept and the run resumes from step %d. Drop the flag (to rewind to "
+                            "step %d again, delete %s first).", restore_step, checkpointer.directory, since,
+                            since[-1], restore_step, checkpointer._restore_record)
+            try:
+                return _restore_latest(checkpointer, abstract_state, data_iter, steps)
+            except CheckpointError:
+                if since != [steps[-1]]:  # Another step lies between: the error offers it.
+                    raise
+                logging.warning("step %d cannot be restored: resuming from checkpoint.restore_step=%d as the "
+                                "flag asks.", steps[-1], restore_step)
+        checkpointer.record_restore_step(restore_step, checkpointer.set_aside_after(restore_step))
+    if checkpointer.latest_step() is not None:
+        return _restore_latest(checkpointer, abstract_state, data_iter, checkpointer.all_steps())
     state = init_fn()
     if not init_from:
         return state, 0, "scratch"
@@ -435,6 +505,21 @@ def restore_or_init(
     logging.info("Initialised %s from %s step %d.", sorted(restored), init_from, step)
     # Fresh optimizer state and step 0 come from init_fn; only the weights are taken over.
     return _replace(state, **restored), 0, "init_from"
+
+
+def _restore_latest(checkpointer: Checkpointer, abstract_state: PyTree, data_iter: Any, steps: list[int]
+                    ) -> tuple[PyTree, int, str]:
+    latest = checkpointer.latest_step()
+    logging.info("Resuming from %s step %d.", checkpointer.directory, latest)
+    try:
+        return checkpointer.restore(abstract_state, data_iter, step=latest), latest, "workdir"
+    except Exception as e:
+        earlier = [s for s in steps if s < latest]
+        offer = (f"to resume from the previous committed step, rerun with --config.checkpoint.restore_step="
+                 f"{earlier[-1]} (step {latest} is moved aside, not deleted)" if earlier else
+                 "there is no earlier step; use a new --workdir")
+        raise CheckpointError(f"cannot restore step {latest} from {checkpointer.directory} "
+                              f"({_one_line(e)}); {offer}.") from e
 
 
 def _data_file_name() -> str:
@@ -477,8 +562,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
     A read-only manager: reading beside a running job must not touch its files.
     """
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(_local_path(directory), options=options) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with _quiet_reads(), ocp.CheckpointManager(_local_path(directory), options=options) as manager:
         return manager.latest_step()
 
 
@@ -490,6 +575,6 @@ def save_params(directory: str | os.PathLike, params: PyTree) -> None:
 
 def restore_saved_params(directory: str | os.PathLike, abstract_params: PyTree) -> PyTree:
     """Reads params written by `save_params` into `abstract_params`' shapes and shardings."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet_reads(), ocp.PyTreeCheckpointer() as ckptr:
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
         return ckptr.restore(_local_path(directory), item=abstract_params, restore_args=restore_args)

@@ -3,6 +3,7 @@
 This module is the one place that knows what lives where in a workdir (or an export directory):
 
     workdir/ckpt/<step>/    train state + data iterator (checkpoint.py writes it)
+    workdir/ckpt.set_aside/ steps moved out by checkpoint.restore_step; ckpt.restore_step.json: it was applied
     workdir/config.json     the config snapshot (config.<n>.json: earlier, different ones)
     workdir/metrics.jsonl   one row per logged step;  workdir/tb/  TensorBoard events
     workdir/samples/        step_<n>/ of the train loop, cli/ of --mode=sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -55,7 +56,9 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         save_every=2_000, keep_last=3, keep_every=50_000, async_save=True,
         init_from="",  # Another run's workdir/ckpt (or a step dir): params + EMA only.
-        restore_step=-1,  # -1: the latest; else resume from this committed step (later ones are set aside).
+        # -1: the latest; else resume from this committed step (later ones are set aside). Acts once: a
+        # requeue that repeats it resumes from the newest step (checkpoint.restore_or_init).
+        restore_step=-1,
     ))
 
 
@@ -78,6 +81,75 @@ def log_config() -> ml_collections.ConfigDict:
 
 class NonFiniteError(rundir.RunError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is left in place."""
+
+
+# A logged param_norm this many times the run's first logged one: the weights have exploded (healthy runs
+# stay within a few times their initial norm; lr=1e6 on the demo goes from 47 to 1e6 in one step).
+PARAM_NORM_BLOWUP = 10.0
+_SANITY_KEYS = ("loss", "grad_norm", "param_norm", "update_norm")
+
+
+def divergence_sign(row: dict, reference: dict | None) -> str:
+    """Why a logged row shows a state that has already diverged ('' when it looks healthy): a non-finite
+    loss, norm or probe value, or a param norm PARAM_NORM_BLOWUP times the reference row's."""
+    for k in (*_SANITY_KEYS, *sorted(k for k in row if k.startswith("probe_"))):
+        if k in row and not math.isfinite(row[k]):
+            return f"{k}={row[k]}"
+    norm, ref = row.get("param_norm"), (reference or {}).get("param_norm")
+    if norm is not None and ref and norm > PARAM_NORM_BLOWUP * ref:
+        return f"param_norm {norm:.3g}, {norm / ref:.0f}x the {ref:.3g} of step {reference['step']}"
+    return ""
+
+
+def last_sane_checkpoint(rows: list[dict], saved: list[int]) -> tuple[int | None, int | None, str]:
+    """The newest saved step that the logged metrics vouch for, and where divergence shows first.
+
+    Args:
+      rows: logged rows in step order (metrics.jsonl's: step, loss, grad_norm, param_norm, probe_*...).
+      saved: the committed checkpoint steps.
+
+    Returns:
+      (good, first_bad, why): `good` is the newest saved step at or before the last row of the healthy
+      prefix (any saved step when no row looks diverged: the loss and grads were finite up to each save),
+      or None; `first_bad` is the step of the first row that looks diverged (None if none), `why` its sign.
+    """
+    reference = next((r for r in rows if math.isfinite(r.get("param_norm", math.nan))), None)
+    healthy_until, first_bad, why = None, None, ""
+    for row in rows:
+        if why := divergence_sign(row, reference):
+            first_bad = row["step"]
+            break
+        healthy_until = row["step"]
+    if first_bad is None:
+        return (max(saved) if saved else None), None, ""
+    vouched = [s for s in saved if healthy_until is not None and s <= healthy_until]
+    return (max(vouched) if vouched else None), first_bad, why
+
+
+def nonfinite_message(step: int, rows: list[dict], saved: list[int], directory: str) -> str:
+    """The NaN stop's one line: the step, and the last checkpoint worth resuming from (not merely the last)."""
+    good, first_bad, why = last_sane_checkpoint(rows, saved)
+    fix = "lower optim.lr, set optim.grad_clip, or set train.skip_nonfinite=True to skip such updates"
+    head = f"non-finite loss or gradient at step {step}"
+    if first_bad is not None:
+        head += f", but the divergence began earlier: step {first_bad} logged {why}"
+    if good is None:
+        where = f"no checkpoint in {directory} precedes it" + (f" (it has steps {saved})" if saved else "")
+        return f"{head}; {where}: start again in a new --workdir and {fix}."
+    if good == max(saved):
+        return f"{head}; the last good checkpoint is step {good} in {directory}. {fix[0].upper()}{fix[1:]}."
+    return (f"{head}; the last good checkpoint is step {good} in {directory} (later ones are not): rerun with "
+            f"--config.checkpoint.restore_step={good} (later steps are set aside, not deleted) and {fix}.")
+
+
+def _logged_rows(workdir: str, upto: int) -> list[dict]:
+    """The rows of metrics.jsonl up to step `upto` (the history before this run), [] if unreadable."""
+    try:
+        with open(rundir.metrics_path(workdir)) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> None:
@@ -318,10 +390,11 @@ def setup(config: ml_collections.ConfigDict) -> Program:
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         name = "train_step_dense" if dense else "train_step"
         key = compile_cache.program_key(config_json, name, (abstract_state, batch_spec))
+        what = f"the {'dense fine-tune' if dense else 'first'} train step"
         compiled, facts = compile_cache.compile_or_load(lambda: step_fn.lower(abstract_state, batch_spec),
-                                                        cache_dir, key)
-        logging.info("%s the %s train step in %.1fs (%.1fs tracing and lowering)", _HOW[facts["source"]],
-                     "dense fine-tune" if dense else "first", facts["compile_s"], facts["lower_s"])
+                                                        cache_dir, key, what=what)
+        logging.info("%s %s in %.1fs (%.1fs tracing and lowering)", _HOW[facts["source"]], what,
+                     facts["compile_s"], facts["lower_s"])
         if config.train.check_memory:
             _log_memory(compiled)
         return compiled, facts
@@ -437,7 +510,9 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
 
     # ---- Loop: nothing below waits for the device except at log and save steps ----
     sums, clock = loop.MetricSums(), loop.Clock()
-    last_good, window_start, step = ckpt.latest_step(), start_step, start_step
+    last_saved, window_start, step = ckpt.latest_step(), start_step, start_step
+    # What the NaN stop judges checkpoints by: the logged rows, this run's and those before it.
+    history = _logged_rows(workdir, start_step)
     # The first logged row also says how long the step took to compile, and if the cache had it.
     startup = dict(compile_s=prog.compile_s, lower_s=prog.lower_s, compile_save_s=prog.save_s,
                    compile_cache_hit=float(prog.compile_source != "compiled"),  # XLA's compile skipped.
@@ -465,10 +540,8 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                 with clock.wait("device"):
                     bad = sums.first_nonfinite()
                 if bad is not None and not config.train.skip_nonfinite:
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {window_start + 1 + bad}; the last good "
-                        f"checkpoint is step {last_good} in {ckpt.directory}. Lower optim.lr, set "
-                        f"optim.grad_clip, or set train.skip_nonfinite=True to skip such updates.")
+                    saved = sorted(set(ckpt.all_steps()) | ({last_saved} - {None}))
+                    raise NonFiniteError(nonfinite_message(window_start + 1 + bad, history, saved, ckpt.directory))
             if step % config.log.every_steps == 0 or is_last:
                 with clock.wait("device"):
                     values = sums.means()
@@ -480,6 +553,8 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                 if quality.gauge_due(step, is_last):  # Sampling time falls in no window: the clock resets below.
                     values |= quality.gauge(step, state.ema_params)
                 writer.scalars(step, values)
+                history.append({k: v for k, v in values.items() if k in _SANITY_KEYS or k.startswith("probe_")}
+                               | {"step": step})
                 eta = (config.total_steps - step) / max(values["steps_per_s"], 1e-9)
                 logging.info("step %d | loss %.4f | probe %s | %.2f steps/s | %.1f ex/s | %.1f TFLOP/s/dev | "
                              "MFU %s | data wait %.0f%% | host %.0f%% | ETA %.0fs",
@@ -489,7 +564,7 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                 window_start, startup = step, {}
                 clock.reset()
             if must_save and ckpt.save(step, state, batches, force=is_last or stop_here):
-                last_good = step
+                last_saved = step
             if stop_here:
                 ckpt.wait()  # Committed before anything else runs or the job's grace period ends.
                 logging.warning("stopping early (preemption or train.stop_at_step): saved step %d", step)

@@ -398,6 +398,69 @@ def test_corrupt_latest_checkpoint_names_the_step_and_restore_step_resumes_befor
     ckpt.close()
 
 
+def _truncate_arrays(step_dir):
+    data = step_dir / "state" / "d"
+    for name in os.listdir(data):
+        os.truncate(data / name, os.path.getsize(data / name) // 2)
+
+
+def test_restore_step_left_in_a_requeue_command_acts_once(tmp_path, caplog):
+    """Issue 25.6: a requeue that kept --config.checkpoint.restore_step set the newer steps aside and retrained
+    them on every restart. It acts once; the steps trained since are kept."""
+    directory = tmp_path / "ckpt"
+    _small_ckpt(directory, [1, 2, 3])
+    ckpt = Checkpointer(directory, save_every=1, keep_last=10)
+    _, start, _ = restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=2)  # The rewind asked for.
+    assert start == 2 and ckpt.all_steps() == [1, 2]
+    for step in (3, 4):  # Trained after the rewind, then the job is preempted and requeued as it was.
+        ckpt.save(step, {"w": jnp.full(1000, 10.0 * step)})
+    ckpt.wait()
+
+    with caplog.at_level("WARNING"):
+        state, start, source = restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=2)
+    assert (start, source) == (4, "workdir") and ckpt.all_steps() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(state["w"], np.full(1000, 40.0))
+    assert any("restore_step=2 was applied" in r.getMessage() and "resumes from step 4" in r.getMessage()
+               for r in caplog.records)
+    assert os.listdir(f"{directory}.set_aside") == [f"3.{os.getpid()}"]  # Only the first rewind's step.
+
+    _truncate_arrays(directory / "4")  # The newest step breaks: the error offers step 3, not the flag's 2.
+    with pytest.raises(CheckpointError, match=r"cannot restore step 4 .*restore_step=3 "):
+        restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=2)
+    _, start, _ = restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=3)  # Another step: applied.
+    assert start == 3 and ckpt.all_steps() == [1, 2, 3]
+    ckpt.save(4, {"w": jnp.full(1000, 41.0)})
+    ckpt.wait()
+    _truncate_arrays(directory / "4")  # Nothing between the flag's step and a broken newest: it rewinds.
+    state, start, _ = restore_or_init(ckpt, _abstract_w(), lambda: None, restore_step=3)
+    assert start == 3 and ckpt.all_steps() == [1, 2, 3]
+    np.testing.assert_array_equal(state["w"], np.full(1000, 30.0))
+    ckpt.close()
+
+
+def test_params_only_loads_print_no_orbax_warnings_that_read_like_a_broken_checkpoint(tmp_path, caplog):
+    """Issue 25.11: --mode=sample/export/eval printed orbax's 'Metadata file does not exist ...
+    _CHECKPOINT_METADATA' and 'Given directory is read only' on every healthy load."""
+    from eflow_jax.checkpoint import latest_step, restore_saved_params, save_params
+
+    w = {"w": jnp.arange(8.0)}
+    with Checkpointer(tmp_path / "ckpt", save_every=1, async_save=False) as ckpt:
+        ckpt.save(3, {"params": w, "ema_params": w})
+    save_params(tmp_path / "export" / "params", w)
+    abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(_mesh(8, 1), P()))}
+    with caplog.at_level("INFO"):
+        assert latest_step(tmp_path / "ckpt") == 3  # --mode=eval
+        ema = restore_params(tmp_path / "ckpt", abstract, which="ema")  # --mode=sample / export
+        exported = restore_saved_params(tmp_path / "export" / "params", abstract)  # sampling an export
+    np.testing.assert_array_equal(ema["w"], np.arange(8.0))
+    np.testing.assert_array_equal(exported["w"], np.arange(8.0))
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert not noisy, noisy
+    with caplog.at_level("WARNING"):  # Only those two are dropped, and only during the loads.
+        logging.warning("Given directory is read only=%s", "elsewhere")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == ["Given directory is read only=elsewhere"]
+
+
 def test_save_errors_are_one_line_with_the_step_and_the_os_error(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path, save_every=1)
     assert ckpt.save(1, {"w": jnp.ones(4)})

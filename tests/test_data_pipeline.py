@@ -327,3 +327,48 @@ def test_closing_ends_the_data_workers_at_once():
     start = time.perf_counter()
     it.close()
     assert time.perf_counter() - start < 20, "a data worker outlived close() (its result pipe was full)"
+
+
+_KILLED_PARENT = """
+import os, sys
+from eflow_jax.data import pipeline
+cfg = pipeline.default_data_config()
+cfg.update(source="synthetic", num_examples=64, num_frames=4, resolution=16, worker_count=2, read_threads=1)
+it = pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0, float_video=False)
+next(it)
+print("ready", flush=True)
+sys.stdin.read()  # Until killed.
+"""
+
+
+def test_kill_9_of_the_training_process_ends_its_data_workers(tmp_path):
+    """Issue 25.8: grain's workers are daemon processes, ended by the parent's exit handlers; after a
+    kill -9 they stayed alive for minutes (~250 MB each)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], cwd=repo, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"))
+    workers = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"data workers {[p.pid for p in alive]} outlived their killed parent"
+    finally:
+        proc.kill()
+        for worker in workers:  # Orphans of a failed run: the ones this test started, by pid.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()

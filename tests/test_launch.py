@@ -62,3 +62,40 @@ def test_slurm_dry_run_prints_the_srun_command():
                          "--config.optim.lr=2e-4"]
     outside = _run("slurm.sbatch", ["configs/kinetics.py", "/shared/run1"], SLURM_JOB_NODELIST="", DRY_RUN="0")
     assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
+
+
+def _checkout(tmp_path, origin):
+    """A git checkout whose origin is `origin`, with one commit."""
+    repo = tmp_path / "checkout"
+    repo.mkdir(parents=True)
+    for cmd in (["init", "-q"], ["remote", "add", "origin", origin],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "c"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+def _tpu_dry_run_in(repo, **env):
+    env = dict(os.environ, TPU_NAME="pod-1", ZONE="us-east5-a", WORKDIR="gs://b/run", DRY_RUN="1", **env)
+    return subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "configs/demo.py"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_tpu_pod_refuses_a_local_origin_or_an_unpushed_commit(tmp_path, monkeypatch):
+    """Issue 25.12: REPO_URL defaulted to a local origin path; `git clone /local/path` cannot work on a pod."""
+    monkeypatch.delenv("REPO_URL", raising=False)
+    monkeypatch.delenv("REV", raising=False)
+    local = _checkout(tmp_path / "a", "/home/me/src/eflow_jax")
+    done = _tpu_dry_run_in(local)
+    assert done.returncode == 2 and not done.stdout, done.stdout
+    assert "REPO_URL=/home/me/src/eflow_jax is a path on this machine" in done.stderr
+    assert "Set REPO_URL to a URL they can reach" in done.stderr
+
+    hosted = _checkout(tmp_path / "b", "git@github.com:me/eflow_jax.git")
+    done = _tpu_dry_run_in(hosted)  # HEAD was never pushed.
+    assert done.returncode == 2 and "is not on origin" in done.stderr and "git push origin HEAD" in done.stderr
+    subprocess.run(["git", "update-ref", "refs/remotes/origin/main", "HEAD"], cwd=hosted, check=True)  # Pushed.
+    done = _tpu_dry_run_in(hosted)
+    assert done.returncode == 0, done.stderr
+    assert "git clone git@github.com:me/eflow_jax.git eflow_jax" in shlex.split(done.stdout)[10]
+    done = _tpu_dry_run_in(local, REPO_URL="https://example.com/eflow_jax.git")  # Another URL: taken as given.
+    assert done.returncode == 0, done.stderr

@@ -145,3 +145,40 @@ def test_params_initialised_into_shardings():
     for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
         assert x.sharding.is_equivalent_to(a.sharding, x.ndim)
     assert nn.meta.unbox(state.params) is not None
+
+
+# metrics.jsonl of `configs/demo.py:test=1 --config.optim.lr=1e6` (issue 25.7): it stopped at step 5 and
+# called step 4, whose probe was NaN and whose weights had exploded, "the last good checkpoint".
+_EXPLODING = [dict(step=1, loss=0.718, grad_norm=1.04, param_norm=46.8, update_norm=0.0, probe_vel_err=1.62),
+              dict(step=2, loss=0.719, grad_norm=1.07, param_norm=1.08e6, update_norm=1.08e6, probe_vel_err=3.3e11),
+              dict(step=3, loss=1.40, grad_norm=4.40, param_norm=6.46e6, update_norm=6.08e6, probe_vel_err=7.8e24),
+              dict(step=4, loss=1.43, grad_norm=18.8, param_norm=2.19e7, update_norm=1.85e7, probe_vel_err=np.nan)]
+
+
+def test_nan_stop_names_the_last_checkpoint_whose_metrics_were_sane():
+    message = train.nonfinite_message(5, _EXPLODING, [2, 4], "/w/ckpt")
+    assert "last good checkpoint is step 4" not in message
+    assert message.startswith("non-finite loss or gradient at step 5, but the divergence began earlier: step 2 "
+                              "logged param_norm 1.08e+06, 23077x the 46.8 of step 1; no checkpoint in /w/ckpt "
+                              "precedes it (it has steps [2, 4]): start again in a new --workdir")
+    healthy = [dict(r, step=r["step"] * 100, param_norm=46.8 + r["step"], probe_vel_err=1.0) for r in _EXPLODING]
+    nan_probe = healthy[:3] + [dict(healthy[3], probe_vel_err=np.nan)]  # Diverged by the row of step 400.
+    message = train.nonfinite_message(401, nan_probe, [200, 400], "/w/ckpt")
+    assert "step 400 logged probe_vel_err=nan; the last good checkpoint is step 200" in message
+    assert "--config.checkpoint.restore_step=200" in message
+    assert train.nonfinite_message(401, healthy, [200, 400], "/w/ckpt") == (
+        "non-finite loss or gradient at step 401; the last good checkpoint is step 400 in /w/ckpt. Lower "
+        "optim.lr, set optim.grad_clip, or set train.skip_nonfinite=True to skip such updates.")
+
+
+@pytest.mark.slow  # A real run (~25 s on 2 cores): the loop feeds its logged rows to the NaN stop.
+def test_nan_stop_of_an_exploding_run_does_not_call_an_exploded_checkpoint_good(tmp_path):
+    config = small_config(steps=8)
+    config.optim.lr = 1e6
+    with pytest.raises(train.NonFiniteError) as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(err.value)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "ckpt"))
+    assert "the divergence began earlier: step 2 logged param_norm" in message, (message, rows)
+    assert f"no checkpoint in {tmp_path / 'ckpt'} precedes it (it has steps {saved})" in message

@@ -240,6 +240,35 @@ class _ToModelInput(grain.transforms.Map):
         return out
 
 
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+    """mp_prefetch's worker_init_fn: the worker ends when the process that started it ends, however it ends.
+
+    grain's workers are daemon processes, ended by their parent's exit handlers; a kill -9 (or the OOM
+    killer) runs none, and the workers stayed alive for minutes, ~250 MB each. A daemon thread waits on
+    the parent's sentinel (a pipe the kernel closes when the parent dies) and ends the worker.
+    PR_SET_PDEATHSIG would not do: it fires when the *thread* that spawned the worker ends, and grain
+    spawns its workers from short-lived threads.
+    """
+    import multiprocessing
+    import multiprocessing.connection
+    import threading
+    import time
+
+    del worker_index, worker_count
+    parent = multiprocessing.parent_process()
+    parent_pid = os.getppid()
+
+    def watch() -> None:
+        if parent is not None:  # spawn and forkserver (grain uses spawn).
+            multiprocessing.connection.wait([parent.sentinel])
+        else:  # Started some other way: poll for the reparenting that follows the parent's death.
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+        os._exit(1)  # The parent is gone: nobody reads what this worker makes.
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _to_iterator(ds: grain.MapDataset, data_cfg, batch_size: int, *, drop_remainder: bool,
                  float_video: bool = True):
     latents = data_cfg.source == "latents"
@@ -257,7 +286,8 @@ def _to_iterator(ds: grain.MapDataset, data_cfg, batch_size: int, *, drop_remain
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=workers, per_worker_buffer_size=buffer
-            )
+            ),
+            worker_init_fn=exit_with_parent,
         )
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
     return iter(it_ds.map(_ToModelInput(latents)) if float_video or latents else it_ds)
