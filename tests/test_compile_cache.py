@@ -407,12 +407,17 @@ def test_a_line_says_what_compiles_before_the_compile_starts(tmp_path, caplog):
         said_before_lowering.append([r.getMessage() for r in caplog.records if "compiling" in r.getMessage()])
         return program()
 
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # Another test may have left absl at WARNING.
     with caplog.at_level("INFO"):
         compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")
         os.remove(os.path.join(compile_cache.executables_dir(str(tmp_path)), f"{key}.exe"))  # Compiles again.
         compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")
         compile_cache.compile_or_load(lower, str(tmp_path), key, what="the test step")  # Loaded: no line.
         compile_cache.compile_or_load(lower, "", key, what="the test step")
+    absl_logging.set_verbosity(verbosity)
     first, again, off = said_before_lowering
     assert first == ["compiling the test step (up to minutes the first time; later starts load it from the "
                      "cache) ..."]
