@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Any
 
 import ml_collections
 
@@ -77,3 +78,35 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
         node[leaf] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         node[leaf] = value
+
+
+def apply_given(section: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
+                given: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A run's config section with the flags typed on the command line applied over it (in place).
+
+    Args:
+      section: the run's section (e.g. config.eval from its config.json); fields it lacks (a snapshot
+        older than them) are filled from `defaults` first.
+      defaults: the section's defaults (what --eval.* / --sample.* flags start from).
+      given: the typed flags only, dotted field -> value (`config_flags.get_override_values`): each
+        one wins, whatever its value, also one equal to its default.
+    Returns:
+      `section`.
+    """
+    _fill_missing(section, defaults)
+    for key, value in given.items():
+        *parents, leaf = key.split(".")
+        node = section
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return section
+
+
+def _fill_missing(section: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+    for key, value in defaults.items():
+        if key not in section:
+            with section.unlocked():
+                section[key] = value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(section[key], ml_collections.ConfigDict):
+            _fill_missing(section[key], value)

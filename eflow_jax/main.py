@@ -25,7 +25,9 @@ from eflow_jax import config_file, distributed, evaluate, rundir, sample
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]), a path from any "
                                 "working directory.", lock_config=True)
-config_flags.DEFINE_config_dict("sample", sample.sample_config(), "Sampling settings (--mode=sample).")
+config_flags.DEFINE_config_dict("sample", sample.sample_config(), "Sampling settings (--mode=sample, and the "
+                                "sampler of --mode=eval); given --sample.* flags override the run config's "
+                                "sample section.")
 config_flags.DEFINE_config_dict("eval", evaluate.eval_config(), "Eval settings (--mode=eval); given --eval.* "
                                 "flags override the run config's eval section.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
@@ -64,22 +66,24 @@ def main(argv) -> None:
     from eflow_jax import sharding
 
     config = FLAGS.config if FLAGS.config is not None else rundir.read_config(FLAGS.workdir)
+    # Every --sample.* / --eval.* flag typed wins over the run's config, also one equal to its default.
+    sample_cfg = sample.apply_sample_flags(config, config_flags.get_override_values(FLAGS["sample"]))
+    step = None if sample_cfg.step < 0 else sample_cfg.step
     mesh = sharding.make_mesh(sharding.mesh_config())  # All local devices, whatever training used.
     logging.info("topology: %s", sharding.describe(mesh))
     if FLAGS.mode == "export":
         out = sample.export(FLAGS.workdir, FLAGS.out or rundir.export_dir(FLAGS.workdir), mesh,
-                            use_ema=FLAGS.sample.use_ema, step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
+                            use_ema=sample_cfg.use_ema, step=step)
         logging.info("exported params + config to %s", out)
     elif FLAGS.mode == "sample":
         try:
             sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir),
-                                   FLAGS.sample, mesh)
+                                   sample_cfg, mesh)
         except (ValueError, FileNotFoundError) as e:  # Bad --sample.* flags, missing encoder files.
             raise SystemExit(f"error: {e}") from None
     else:
-        evaluate.apply_eval_flags(config, FLAGS.eval)  # --eval.* flags given override the run's config.
-        evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh,
-                     step=None if FLAGS.sample.step < 0 else FLAGS.sample.step)
+        evaluate.apply_eval_flags(config, config_flags.get_override_values(FLAGS["eval"]))
+        evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh, step=step)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, rundir, sharding, text
+from eflow_jax import checkpoint, config_file, rundir, sharding, text
 from eflow_jax import state as state_lib
 from eflow_jax.flow import objectives, samplers
 from eflow_jax.flow.condition import Condition
@@ -48,6 +48,21 @@ def sample_config() -> ml_collections.ConfigDict:
         step=-1,  # Checkpoint step; -1 = latest.
         fps=8,
     ))
+
+
+def apply_sample_flags(config: ml_collections.ConfigDict, given: dict) -> ml_collections.ConfigDict:
+    """The --sample.* flags typed on the command line over the run's `sample` section (in place; a
+    snapshot older than a field gets its default first): what --mode=sample and the eval sampler use.
+
+    Args:
+      given: dotted field -> value of the typed flags only (`config_flags.get_override_values`).
+    Returns:
+      config.sample.
+    """
+    with config.unlocked():
+        if "sample" not in config:
+            config.sample = sample_config()
+    return config_file.apply_given(config.sample, sample_config(), given)
 
 
 def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
