@@ -52,17 +52,25 @@ def main(argv) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (the run directory).")
 
-    if FLAGS.mode == "train":
-        if FLAGS.config is None:
-            raise app.UsageError("--config is required to train, e.g. --config=configs/demo.py")
-        from eflow_jax import train
+    if FLAGS.mode == "train" and FLAGS.config is None:
+        raise app.UsageError("--config is required to train, e.g. --config=configs/demo.py")
+    try:
+        if FLAGS.mode == "train":
+            from eflow_jax import train
 
-        try:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        except rundir.RunError as e:  # Its message says what to do; a traceback would bury it.
-            raise SystemExit(f"error: {e}") from None
-        return
+        else:
+            _use_run(FLAGS.mode)
+    except rundir.RunError as e:  # Its message says what to do; a traceback would bury it.
+        raise SystemExit(f"error: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        if FLAGS.mode == "train":  # Training turns bad input into RunErrors: anything else is a bug.
+            raise
+        raise SystemExit(f"error: {e}") from None  # Bad --sample.* / --eval.* flags, missing files.
 
+
+def _use_run(mode: str) -> None:
+    """sample / export / eval: a trained run (or an export) on the current devices."""
     from eflow_jax import sharding
 
     config = FLAGS.config if FLAGS.config is not None else rundir.read_config(FLAGS.workdir)
@@ -71,20 +79,16 @@ def main(argv) -> None:
     step = None if sample_cfg.step < 0 else sample_cfg.step
     mesh = sharding.make_mesh(sharding.mesh_config())  # All local devices, whatever training used.
     logging.info("topology: %s", sharding.describe(mesh))
-    if FLAGS.mode == "export":
+    if mode == "export":
         out = sample.export(FLAGS.workdir, FLAGS.out or rundir.export_dir(FLAGS.workdir), mesh,
                             use_ema=sample_cfg.use_ema, step=step)
         logging.info("exported params + config to %s", out)
-    elif FLAGS.mode == "sample":
-        try:
-            sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir),
-                                   sample_cfg, mesh)
-        except (ValueError, FileNotFoundError) as e:  # Bad --sample.* flags, missing encoder files.
-            raise SystemExit(f"error: {e}") from None
+    elif mode == "sample":
+        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir), sample_cfg,
+                               mesh)
     else:
         evaluate.apply_eval_flags(config, config_flags.get_override_values(FLAGS["eval"]))
         evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh, step=step)
-
 
 if __name__ == "__main__":
     # The config file is loaded while flags are parsed; its package must be importable by then.

@@ -9,7 +9,7 @@ This module is the one place that knows what lives where in a workdir (or an exp
     workdir/eval/  workdir/export/  workdir/fvd_stats/   --mode=eval / --mode=export defaults
     workdir/profile/        jax.profiler traces (log.profile_start)
     workdir/.lock           the flock of the run using it
-    export/params/ + export/config.json                   an export (params only)
+    export/params/ + export/config.json + export/export.json   an export (params only; which step)
 
     check_model_config(workdir, config)       # read-only: before anything is written
     with WorkdirLock(workdir):                 # a second run on the same workdir fails at once
@@ -57,6 +57,20 @@ def params_dir(run_dir: str) -> str:
 
 def is_export(run_dir: str) -> bool:
     return os.path.isdir(params_dir(run_dir))
+
+
+def export_record_path(run_dir: str) -> str:
+    """An export's record: the checkpoint step it holds, which params (ema / raw), where from."""
+    return os.path.join(run_dir, "export.json")
+
+
+def read_export_record(run_dir: str) -> dict:
+    """The export's record; {} for exports written before it existed."""
+    try:
+        with open(export_record_path(run_dir)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def config_path(run_dir: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -324,10 +325,36 @@ def abstract_params(config, mesh):
     return abstract.params
 
 
+def checkpoint_step(run_dir: str, step: int | None = None) -> int | None:
+    """The training step of the params `load_params(run_dir, step=step)` loads: `step`, else the
+    latest checkpoint; for an export, the step it recorded (None if it predates export.json).
+
+    An export holds one set of params: another step asked of it is refused (it would be ignored).
+    """
+    if rundir.is_export(run_dir):
+        record = rundir.read_export_record(run_dir)
+        recorded = record.get("checkpoint_step")
+        if step is not None and step != recorded:
+            held = f"step {recorded}" if recorded is not None else "one step"
+            source = f" ({record['source']})" if record.get("source") else ""
+            raise rundir.RunError(f"{run_dir} is an export: it holds the params of {held} only, so "
+                                  f"--sample.step={step} cannot be honoured; drop --sample.step, or pass the "
+                                  f"training run's workdir{source} as --workdir to use step {step}.")
+        return recorded
+    if step is not None:
+        return step
+    latest = checkpoint.latest_step(rundir.ckpt_dir(run_dir)) if rundir.has_checkpoint(run_dir) else None
+    if latest is None:
+        raise rundir.RunError(f"{run_dir} has no checkpoint (no ckpt/<step>/) and is no export (no params/): "
+                              f"--workdir must be a training run's workdir or an export directory.")
+    return latest
+
+
 def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int | None = None):
     """EMA (or raw) params from a run's checkpoints or an export dir, onto `mesh`."""
     target = abstract_params(config, mesh)
     if rundir.is_export(run_dir):  # An export: params only, no optimizer state.
+        checkpoint_step(run_dir, step)  # Refuses a step it does not hold.
         return checkpoint.restore_saved_params(rundir.params_dir(run_dir), target)
     ckpt_dir = rundir.ckpt_dir(run_dir)
     logging.info("restoring %s params from %s", "EMA" if use_ema else "raw", ckpt_dir)
@@ -335,12 +362,25 @@ def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int |
 
 
 def export(run_dir: str, out_dir: str, mesh, *, use_ema: bool = True, step: int | None = None) -> str:
-    """Writes params (EMA by default) + config.json to out_dir: small, loadable by `load_params`."""
+    """Writes params (EMA by default), config.json and export.json (which step, which params, where
+    from) to out_dir: small, loadable by `load_params`. Refuses an out_dir that is a training run's
+    workdir (its own included): params/ there would turn that run into an export."""
+    if os.path.realpath(out_dir) == os.path.realpath(run_dir) or rundir.has_checkpoint(out_dir):
+        which = "this run's own workdir" if os.path.realpath(out_dir) == os.path.realpath(run_dir) else \
+            "a training run's workdir"
+        raise rundir.RunError(f"--out={out_dir} is {which}: params/ written there would turn it into an export "
+                              f"(its checkpoints and --sample.step ignored from then on); use another --out "
+                              f"(the default is {rundir.export_dir(run_dir)}).")
     config = rundir.read_config(run_dir)
+    step = checkpoint_step(run_dir, step)
     params = load_params(run_dir, config, mesh, use_ema=use_ema, step=step)
     os.makedirs(out_dir, exist_ok=True)
     checkpoint.save_params(rundir.params_dir(out_dir), params)
     if jax.process_index() == 0:
         with open(rundir.config_path(out_dir), "w") as f:
             f.write(config.to_json(indent=2))
+        record = rundir.read_export_record(run_dir) if rundir.is_export(run_dir) else dict(
+            checkpoint_step=step, params="ema" if use_ema else "raw", source=os.path.abspath(run_dir))
+        with open(rundir.export_record_path(out_dir), "w") as f:
+            json.dump(record, f, indent=2)
     return out_dir

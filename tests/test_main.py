@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import demo
-from eflow_jax import evaluate, sample
+from eflow_jax import checkpoint, evaluate, rundir, sample, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,37 @@ def run_with_config(path, config):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(config.to_json(indent=2))
     return path
+
+
+def one_device_mesh():
+    return sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
+
+
+def random_params(config, mesh, seed):
+    rng = np.random.default_rng(seed)
+
+    def leaf(abstract):
+        value = rng.normal(size=abstract.shape) / np.sqrt(max(1, np.prod(abstract.shape[:-1])))
+        return jax.device_put(value.astype(abstract.dtype), abstract.sharding)
+
+    return jax.tree.map(leaf, sample.abstract_params(config, mesh))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A workdir with checkpoints of steps 10 and 12 (other random params each; no training) and config.json."""
+    config = demo.get_config("test=1")
+    workdir = tmp_path_factory.mktemp("main") / "run"
+    ckpt = checkpoint.Checkpointer(rundir.ckpt_dir(str(workdir)), save_every=1, async_save=False)
+    for step in (10, 12):
+        params = random_params(config, one_device_mesh(), seed=step)
+        ckpt.save(step, {"step": np.int32(step), "params": params, "ema_params": params}, force=True)
+    ckpt.close()
+    return config, run_with_config(workdir, config)
+
+
+def listing(path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 # ---- typed flags win ----
@@ -58,3 +90,34 @@ def test_cli_eval_follows_its_own_advice_on_an_arrayrecord_run(tmp_path):
     assert done.returncode != 0
     assert "Use FVD for this run" not in done.stderr
     assert "config.eval.fvd.i3d_path is empty" in done.stderr, done.stderr[-2000:]
+
+
+# ---- exports ----
+
+
+def test_export_refuses_the_runs_own_workdir_and_an_export_refuses_another_step(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    mesh, before = one_device_mesh(), listing(workdir)
+    with pytest.raises(rundir.RunError, match=r"is this run's own workdir: .* use another --out"):
+        sample.export(str(workdir), str(workdir), mesh)
+    assert listing(workdir) == before and not rundir.is_export(str(workdir))
+
+    out = sample.export(str(workdir), str(tmp_path / "export"), mesh, step=10)
+    assert rundir.read_export_record(out) == dict(checkpoint_step=10, params="ema", source=str(workdir))
+    with pytest.raises(rundir.RunError, match=r"holds the params of step 10 only, so --sample.step=12"):
+        sample.load_params(out, config, mesh, step=12)
+    held = sample.load_params(out, config, mesh, step=10)  # The step it holds: fine.
+    ten = checkpoint.restore_params(rundir.ckpt_dir(str(workdir)), sample.abstract_params(config, mesh), step=10)
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(ten), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(rundir.RunError, match="is a training run's workdir"):  # Another run's workdir too.
+        sample.export(out, str(workdir), mesh)
+
+
+@pytest.mark.slow
+def test_cli_export_into_the_run_itself_is_one_line(tiny_run):
+    _, workdir = tiny_run
+    done = cli("--mode=export", f"--workdir={workdir}", f"--out={workdir}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --out={workdir} is this run's own workdir")
+    assert not rundir.is_export(str(workdir))
