@@ -84,8 +84,7 @@ def _use_run(mode: str) -> None:
                             use_ema=sample_cfg.use_ema, step=step)
         logging.info("exported params + config to %s", out)
     elif mode == "sample":
-        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or rundir.samples_dir(FLAGS.workdir), sample_cfg,
-                               mesh)
+        sample.run_sample_mode(config, FLAGS.workdir, FLAGS.out or None, sample_cfg, mesh)
     else:
         evaluate.apply_eval_flags(config, config_flags.get_override_values(FLAGS["eval"]))
         evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh, step=step)

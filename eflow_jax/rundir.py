@@ -5,7 +5,8 @@ This module is the one place that knows what lives where in a workdir (or an exp
     workdir/ckpt/<step>/    train state + data iterator (checkpoint.py writes it)
     workdir/config.json     the config snapshot (config.<n>.json: earlier, different ones)
     workdir/metrics.jsonl   one row per logged step;  workdir/tb/  TensorBoard events
-    workdir/samples/        step_<n>/ of the train loop, cli/ of --mode=sample
+    workdir/samples/step_<n>/   the train loop's samples of step n; below it, <sampler>_<k>steps_seed<s>/
+                            of --mode=sample (each sample folder: samples.json says what made it)
     workdir/eval/  workdir/export/  workdir/fvd_stats/   --mode=eval / --mode=export defaults
     workdir/profile/        jax.profiler traces (log.profile_start)
     workdir/.lock           the flock of the run using it
@@ -85,9 +86,16 @@ def tb_dir(workdir: str) -> str:
     return os.path.join(workdir, "tb")
 
 
-def samples_dir(workdir: str, step: int | None = None) -> str:
-    """The train loop's samples of `step`, or (step None) --mode=sample's default output."""
-    return os.path.join(workdir, "samples", "cli" if step is None else f"step_{step}")
+def samples_dir(workdir: str, step: int | None) -> str:
+    """Samples of checkpoint `step`: the train loop's, and --mode=sample's default output in a folder per
+    settings below it. None: an export that does not record its step."""
+    return os.path.join(workdir, "samples", "step_unknown" if step is None else f"step_{step}")
+
+
+def samples_record_path(out_dir: str) -> str:
+    """What made a folder's samples (run, checkpoint step, sampler settings): samples of another
+    run, step or settings are never written beside them."""
+    return os.path.join(out_dir, "samples.json")
 
 
 def profile_dir(workdir: str) -> str:

@@ -429,8 +429,12 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                                      batch_size=len(requests))
             if decode is not None:  # Latent runs: the run's VAE makes them watchable.
                 videos = decode(videos)
-            if jax.process_index() == 0:
-                sample.write_requests(rundir.samples_dir(workdir, step), videos, requests, 0, n, config.log.fps)
+            if jax.process_index() == 0:  # One folder per step; its samples.json says what made the files.
+                record = sample.samples_record(config, workdir, step, config.sample, requests, kind="train",
+                                               num_steps=config.log.sample_steps)
+                record.update(seed=0, fps=config.log.fps, params="ema")
+                sample.write_requests(rundir.samples_dir(workdir, step), videos, requests, 0, n, config.log.fps,
+                                      train_step=step, record=record)
                 from eflow_jax.eval import export
 
                 writer.video_strip(step, f"samples/{n}_step", export.image_strip(videos[0], 8))

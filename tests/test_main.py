@@ -4,6 +4,7 @@ The subprocess tests start from a workdir holding only config.json (or a tiny ch
 without training), so each costs the CLI's start-up, not a compile.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,51 @@ def test_cli_export_into_the_run_itself_is_one_line(tiny_run):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: --out={workdir} is this run's own workdir")
     assert not rundir.is_export(str(workdir))
+
+
+# ---- a sample folder holds one run, step and settings ----
+
+
+def sample_settings(**flags):
+    return sample.apply_sample_flags(demo.get_config("test=1"), flags)
+
+
+def clip_names(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith("clip") and n.endswith(".mp4"))
+
+
+def test_samples_of_another_step_never_share_a_folder(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    mesh = one_device_mesh()
+
+    def run(out=None, **flags):
+        sample.run_sample_mode(config, str(workdir), out and str(out), sample_settings(**flags), mesh)
+
+    # An --out holding step 10's clips refuses step 12's, before any work, touching nothing.
+    out = tmp_path / "mine"
+    run(out, step=10, num=4)
+    assert clip_names(out) == [f"clip{i:05d}_label{i:04d}_seed0_steps2_trainstep10.mp4" for i in range(4)]
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(rundir.RunError, match=r"--out=.*mine holds other samples \(step: 10 there, 12 now\); "
+                                              r".*pass another --out"):
+        run(out, step=12, num=2)
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    run(out, step=10, num=2)  # Fewer clips of the same settings: the same clips (a prefix).
+    assert {p: p.read_bytes() for p in out.iterdir() if p.suffix == ".mp4" and "clip0000" in p.name} == {
+        p: b for p, b in before.items() if p.suffix == ".mp4" and "clip0000" in p.name}
+    # Unrecorded sample files (another tool's, or written before samples.json): refused too.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "clip00000_label0000_seed0_steps2.mp4").write_bytes(b"")
+    with pytest.raises(rundir.RunError, match="holds sample files but no samples.json"):
+        run(legacy, step=12)
+
+    # The default folder is per step and settings; one holding other labels moves to a fresh sibling.
+    run(step=12, num=2)
+    run(step=10, num=2)
+    default = workdir / "samples" / "step_12" / "renoise_2steps_seed0"
+    assert clip_names(default) == [f"clip{i:05d}_label{i:04d}_seed0_steps2_trainstep12.mp4" for i in range(2)]
+    assert json.loads((default / "samples.json").read_text())["step"] == 12
+    assert clip_names(workdir / "samples" / "step_10" / "renoise_2steps_seed0")[0].endswith("_trainstep10.mp4")
+    run(step=12, num=2, labels="3")
+    assert clip_names(f"{default}_2") == [f"clip{i:05d}_label0003_seed0_steps2_trainstep12.mp4" for i in range(2)]
