@@ -21,15 +21,29 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eflow_jax import config_file, distributed, evaluate, rundir, sample
+from eflow_jax.models import dit
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:args]), a path from any "
                                 "working directory.", lock_config=True)
-config_flags.DEFINE_config_dict("sample", sample.sample_config(), "Sampling settings (--mode=sample, and the "
-                                "sampler of --mode=eval); given --sample.* flags override the run config's "
-                                "sample section.")
-config_flags.DEFINE_config_dict("eval", evaluate.eval_config(), "Eval settings (--mode=eval); given --eval.* "
-                                "flags override the run config's eval section.")
+
+
+def _define_config_dict(name: str, make, help_string: str) -> None:
+    """config_flags.DEFINE_config_dict; it parses sys.argv's --<name>.* overrides at once, so a field the
+    section lacks fails here, at import: as one `error:` line naming the closest fields."""
+    try:
+        config_flags.DEFINE_config_dict(name, make(), help_string)
+    except (AttributeError, KeyError):
+        problem = config_file.unknown_field(sys.argv, {name: make})
+        if problem is None:
+            raise
+        raise SystemExit(f"error: {problem}") from None
+
+
+_define_config_dict("sample", sample.sample_config, "Sampling settings (--mode=sample, and the sampler of "
+                    "--mode=eval); given --sample.* flags override the run config's sample section.")
+_define_config_dict("eval", evaluate.eval_config, "Eval settings (--mode=eval); given --eval.* flags override the "
+                    "run config's eval section.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "eval"], "What to do.")
 flags.DEFINE_string("out", "", "Output directory for sample/export/eval (default: under workdir).")
@@ -62,7 +76,7 @@ def main(argv) -> None:
         else:
             _use_run(FLAGS.mode)
     except rundir.RunError as e:  # Its message says what to do; a traceback would bury it.
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {rundir.one_line(e)}") from None
     except (ValueError, FileNotFoundError) as e:
         if FLAGS.mode == "train":  # Training turns bad input into RunErrors: anything else is a bug.
             raise
@@ -89,8 +103,28 @@ def _use_run(mode: str) -> None:
         evaluate.apply_eval_flags(config, config_flags.get_override_values(FLAGS["eval"]))
         evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh, step=step)
 
+# Fields people look for that the model config spells otherwise.
+MODEL_HINTS = {f"config.model.{name}": "the width, depth and heads come from --config.model.variant (one of "
+               f"{', '.join(dit.VARIANTS)})" for name in ("width", "depth", "heads", "num_heads", "hidden_size")}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a --config.* / --sample.* / --eval.* field the config lacks (ml_collections
+    raises a bare KeyError for it) is one `error:` line naming the closest fields."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        spec = config_file.config_spec_in_argv(argv)
+        if spec is None:
+            raise
+        problem = config_file.unknown_field(argv, {"config": lambda: config_file.load(*spec)}, MODEL_HINTS)
+        if problem is None:  # Something else (a config file's own bug): its traceback helps.
+            raise
+        raise SystemExit(f"error: {problem}") from None
+
+
 if __name__ == "__main__":
     # The config file is loaded while flags are parsed; its package must be importable by then.
     if (path := config_file.config_path_in_argv(sys.argv)) is not None:
         config_file.make_importable(path)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

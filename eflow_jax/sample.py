@@ -66,6 +66,21 @@ def apply_sample_flags(config: ml_collections.ConfigDict, given: dict) -> ml_col
     return config_file.apply_given(config.sample, sample_config(), given)
 
 
+def check_sample_flags(config, sample_cfg) -> None:
+    """Sampling settings that cannot work, as a ConfigError naming the flag (before anything loads)."""
+    s = sample_cfg
+    for field in ("num", "batch_size", "num_steps"):
+        if int(s[field]) < 1:
+            raise rundir.ConfigError(f"--sample.{field}={s[field]}: it must be >= 1; give a positive number.")
+    if not s.fps > 0:
+        raise rundir.ConfigError(f"--sample.fps={s.fps}: it must be > 0 (frames per second of the videos).")
+    if s.labels and not config.model.num_classes:
+        raise rundir.ConfigError(f"--sample.labels={s.labels!r} given, but this run takes no class labels "
+                                 f"(model.num_classes=0): give --sample.prompt='...' or --sample.prompts=FILE.")
+    if config.model.num_classes:
+        parse_labels(s.labels, int(s.num), config.model.num_classes)
+
+
 def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
     """The sampler a run uses: few-step solution maps for solution-flow runs, ODE solvers else."""
     sampler = (sample_cfg or config.sample).sampler
@@ -131,7 +146,11 @@ _clip_inputs = jax.jit(_clip_inputs_impl, static_argnums=(0, 1))
 def parse_labels(spec: str, num: int, num_classes: int) -> list[int]:
     if not spec:
         return [i % num_classes for i in range(num)]
-    labels = [int(v) for v in str(spec).split(",") if v.strip()]
+    try:
+        labels = [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise rundir.ConfigError(f"--sample.labels={spec!r} is not a list of class ids: give comma-separated integers "
+                                 f"in [0, {num_classes}), e.g. --sample.labels=0,1.") from None
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"--sample.labels {bad} outside [0, {num_classes}); this run has {num_classes} classes.")
@@ -391,6 +410,7 @@ def run_sample_mode(config, workdir: str, out_dir: str | None, sample_cfg, mesh)
     from eflow_jax.models import dit
 
     s = sample_cfg
+    check_sample_flags(config, s)
     requests = requests_for(config, s, s.num)
     step = checkpoint_step(workdir, None if s.step < 0 else s.step)
     record = samples_record(config, workdir, step, s, requests)

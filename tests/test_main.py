@@ -6,6 +6,7 @@ without training), so each costs the CLI's start-up, not a compile.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,3 +171,66 @@ def test_samples_of_another_step_never_share_a_folder(tiny_run, tmp_path):
     assert clip_names(workdir / "samples" / "step_10" / "renoise_2steps_seed0")[0].endswith("_trainstep10.mp4")
     run(step=12, num=2, labels="3")
     assert clip_names(f"{default}_2") == [f"clip{i:05d}_label0003_seed0_steps2_trainstep12.mp4" for i in range(2)]
+
+
+# ---- one `error:` line per mistake ----
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(num=0), r"^--sample.num=0: it must be >= 1"),
+    (dict(num=-3), r"^--sample.num=-3: it must be >= 1"),
+    (dict(batch_size=0), r"^--sample.batch_size=0: it must be >= 1"),
+    (dict(labels="cat"), r"^--sample.labels='cat' is not a list of class ids: give comma-separated integers in "
+                         r"\[0, 4\), e.g. --sample.labels=0,1.$"),
+], ids=["num0", "num-3", "batch0", "labels"])
+def test_sample_flags_that_cannot_work_name_the_flag(flags, message):
+    config = demo.get_config("test=1")
+    with pytest.raises(rundir.ConfigError, match=message):
+        sample.check_sample_flags(config, sample_settings(**flags))
+    text_run = demo.get_config("test=1")
+    text_run.model.update(num_classes=0, context_dim=16)
+    with pytest.raises(rundir.ConfigError, match="takes no class labels .* give --sample.prompt"):
+        sample.check_sample_flags(text_run, sample_settings(labels="1"))
+
+
+def test_an_unknown_field_names_the_closest_ones():
+    from eflow_jax import config_file, main
+
+    sections = {"config": lambda: demo.get_config("test=1"), "sample": sample.sample_config}
+
+    def problem(*argv):
+        return config_file.unknown_field(["prog", "--workdir=w", *argv], sections, main.MODEL_HINTS)
+
+    assert problem("--config.model.mlp_ratio=2", "--sample.num=3") is None
+    assert problem("--config.model.mlp_ration=2") == ("--config.model.mlp_ration: config.model has no field "
+                                                      "'mlp_ration'; did you mean --config.model.mlp_ratio?")
+    assert problem("--config.model.widht=32").endswith("the width, depth and heads come from --config.model."
+                                                       "variant (one of tiny, S, B, L, XL).")
+    assert problem("--sample.nmu=3") == "--sample.nmu: sample has no field 'nmu'; did you mean --sample.num?"
+    assert problem("--config.optim.lr.x=1") == ("--config.optim.lr.x: --config.optim.lr is a value, not a "
+                                                "section; set --config.optim.lr=VALUE.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,line", [
+    (["--config=configs/demo.py:test=1", "--config.model.widht=32"],
+     "error: --config.model.widht: config.model has no field 'widht'; the width, depth and heads come from"),
+    (["--mode=sample", "--sample.nmu=3"], "error: --sample.nmu: sample has no field 'nmu'; did you mean --sample.num?"),
+    (["--config=configs/demo.py:test=1", "--config.model.video_shape=(4,16,16)"],
+     "error: model.video_shape=(4, 16, 16): give 4 positive sizes (frames, height, width, channels)"),
+    (["--mode=sample", "--sample.labels=cat"], "error: --sample.labels='cat' is not a list of class ids"),
+    (["--mode=eval", "CUT"], "error: {workdir}/config.json is not valid JSON"),
+], ids=["unknown_config_field", "unknown_sample_field", "video_shape", "labels", "cut_config_json"])
+def test_cli_mistakes_are_one_error_line(tiny_run, tmp_path, args, line):
+    _, workdir = tiny_run
+    if "CUT" in args:  # A copy whose config.json a full disk cut short.
+        shutil.copytree(workdir, tmp_path / "run")
+        workdir = tmp_path / "run"
+        text = (workdir / "config.json").read_text()
+        (workdir / "config.json").write_text(text[: len(text) // 2])
+        args = [a for a in args if a != "CUT"]
+    fresh = tmp_path / "fresh"
+    done = cli(*args, f"--workdir={fresh if args[0].startswith('--config') else workdir}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(line.format(workdir=workdir)), done.stderr[-2000:]
+    assert not fresh.exists()  # Nothing written for a run that never started.
