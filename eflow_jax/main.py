@@ -80,7 +80,7 @@ def main(argv) -> None:
     except (ValueError, FileNotFoundError) as e:
         if FLAGS.mode == "train":  # Training turns bad input into RunErrors: anything else is a bug.
             raise
-        raise SystemExit(f"error: {e}") from None  # Bad --sample.* / --eval.* flags, missing files.
+        raise SystemExit(f"error: {rundir.one_line(e)}") from None  # Bad --sample.*/--eval.* flags, missing files.
 
 
 def _use_run(mode: str) -> None:
@@ -103,14 +103,15 @@ def _use_run(mode: str) -> None:
         evaluate.apply_eval_flags(config, config_flags.get_override_values(FLAGS["eval"]))
         evaluate.run(config, FLAGS.workdir, FLAGS.out or rundir.eval_dir(FLAGS.workdir), mesh, step=step)
 
+
 # Fields people look for that the model config spells otherwise.
 MODEL_HINTS = {f"config.model.{name}": "the width, depth and heads come from --config.model.variant (one of "
                f"{', '.join(dit.VARIANTS)})" for name in ("width", "depth", "heads", "num_heads", "hidden_size")}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, but a --config.* / --sample.* / --eval.* field the config lacks (ml_collections
-    raises a bare KeyError for it) is one `error:` line naming the closest fields."""
+    """absl's flag parsing, but a --config.* field the config file lacks (ml_collections raises a bare
+    KeyError for it) is one `error:` line naming the closest fields (--sample.* / --eval.*: at import)."""
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):

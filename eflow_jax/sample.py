@@ -242,7 +242,7 @@ def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps:
                  log: Callable[[str], None] | None = None, prompts: Sequence[str] | None = None,
                  train_step: int | None = None) -> list[str]:
     """mp4 + gif per clip (named by clip index, label (or prompt index), seed, sampler steps and the
-    checkpoint step: repeats never collide) and a grid, via eval.export (pixels in [-1, 1] assumed).
+    training step of the params: repeats never collide) and a grid, via eval.export (pixels in [-1, 1] assumed).
     Returns the files written."""
     from eflow_jax.eval import export
 
@@ -325,7 +325,8 @@ RECORD_FREE_KEYS = ("num",)  # More or fewer clips of the same settings are the 
 
 def samples_record(config, run_dir: str, train_step: int | None, sample_cfg, requests: Requests, *,
                    kind: str = "sample", num_steps=None) -> dict:
-    """What makes a folder's clips: the run, the checkpoint step and every setting a clip depends on."""
+    """What makes a folder's clips: the run, the training step of the params and every setting a clip
+    depends on (samples.json)."""
     s = sample_cfg
     sampler = sampler_name(config, s)
     record = dict(kind=kind, run=os.path.abspath(run_dir), step=train_step,
