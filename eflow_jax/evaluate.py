@@ -34,7 +34,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eflow_jax import checkpoint, rundir, sample, sharding
+from eflow_jax import checkpoint, config_file, rundir, sample, sharding
 from eflow_jax.data import pipeline
 from eflow_jax.eval import fvd, i3d
 from eflow_jax.models import dit
@@ -138,19 +138,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, out_dir: str, mesh: jax
     raise ValueError(f"eval.metric must be 'fvd' or one of {tuple(shapes.METRICS)}, got {metric!r}")
 
 
-def apply_eval_flags(config: ml_collections.ConfigDict, given: ml_collections.ConfigDict) -> None:
-    """--eval.* flags that differ from their defaults override the run's config (in place); a run
-    snapshot older than a section gets that section's defaults first."""
-    defaults = eval_config()
-    for key, value in defaults.items():
-        if key not in config.eval:
-            config.eval[key] = value
-    if given.metric != defaults.metric:
-        config.eval.metric = given.metric
-    for section in ("fvd", "shapes"):
-        for key, value in given[section].items():
-            if value != defaults[section][key]:
-                config.eval[section][key] = value
+def apply_eval_flags(config: ml_collections.ConfigDict, given: dict) -> None:
+    """The --eval.* flags typed on the command line override the run's config (in place), each one
+    whatever its value (one equal to its default too); a run snapshot older than a field gets its
+    default first.
+
+    Args:
+      given: dotted field -> value of the typed flags only, e.g. {'metric': 'fvd', 'fvd.i3d_path': 'i3d.npz'}
+        (main.py reads them with `config_flags.get_override_values`).
+    """
+    config_file.apply_given(config.eval, eval_config(), given)
 
 
 def run_shapes(config: ml_collections.ConfigDict, workdir: str, out_dir: str, mesh: jax.sharding.Mesh,

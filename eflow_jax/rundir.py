@@ -6,11 +6,12 @@ This module is the one place that knows what lives where in a workdir (or an exp
     workdir/ckpt.set_aside/ steps moved out by checkpoint.restore_step; ckpt.restore_step.json: it was applied
     workdir/config.json     the config snapshot (config.<n>.json: earlier, different ones)
     workdir/metrics.jsonl   one row per logged step;  workdir/tb/  TensorBoard events
-    workdir/samples/        step_<n>/ of the train loop, cli/ of --mode=sample
+    workdir/samples/step_<n>/   the train loop's samples of step n; below it, <sampler>_<k>steps_seed<s>/
+                            of --mode=sample (each sample folder: samples.json says what made it)
     workdir/eval/  workdir/export/  workdir/fvd_stats/   --mode=eval / --mode=export defaults
     workdir/profile/        jax.profiler traces (log.profile_start)
     workdir/.lock           the flock of the run using it
-    export/params/ + export/config.json                   an export (params only)
+    export/params/ + export/config.json + export/export.json   an export (params only; which step)
 
     check_model_config(workdir, config)       # read-only: before anything is written
     with WorkdirLock(workdir):                 # a second run on the same workdir fails at once
@@ -28,6 +29,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 
 from absl import logging
@@ -60,6 +62,20 @@ def is_export(run_dir: str) -> bool:
     return os.path.isdir(params_dir(run_dir))
 
 
+def export_record_path(run_dir: str) -> str:
+    """An export's record: the checkpoint step it holds, which params (ema / raw), where from."""
+    return os.path.join(run_dir, "export.json")
+
+
+def read_export_record(run_dir: str) -> dict:
+    """The export's record; {} for exports written before it existed."""
+    try:
+        with open(export_record_path(run_dir)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def config_path(run_dir: str) -> str:
     return os.path.join(run_dir, CONFIG_NAME)
 
@@ -72,9 +88,16 @@ def tb_dir(workdir: str) -> str:
     return os.path.join(workdir, "tb")
 
 
-def samples_dir(workdir: str, step: int | None = None) -> str:
-    """The train loop's samples of `step`, or (step None) --mode=sample's default output."""
-    return os.path.join(workdir, "samples", "cli" if step is None else f"step_{step}")
+def samples_dir(workdir: str, step: int | None) -> str:
+    """Samples of checkpoint `step`: the train loop's, and --mode=sample's default output in a folder per
+    settings below it. None: an export that does not record its step."""
+    return os.path.join(workdir, "samples", "step_unknown" if step is None else f"step_{step}")
+
+
+def samples_record_path(out_dir: str) -> str:
+    """What made a folder's samples (run, checkpoint step, sampler settings): samples of another
+    run, step or settings are never written beside them."""
+    return os.path.join(out_dir, "samples.json")
 
 
 def profile_dir(workdir: str) -> str:
@@ -94,16 +117,34 @@ def fvd_stats_dir(workdir: str) -> str:
     return os.path.join(workdir, "fvd_stats")
 
 
+REQUIRED_SECTIONS = ("model", "data", "objective")  # What sampling, export and eval read from a snapshot.
+
+
 def read_config(run_dir: str):
-    """The config snapshot a training run (or an export) wrote, as a ConfigDict."""
+    """The config snapshot a training run (or an export) wrote, as a ConfigDict; a missing, cut or
+    unreadable one is a RunError saying how to go on."""
     import ml_collections
 
     path = config_path(run_dir)
+    again = ("pass the run's config again with --config=<file>.py[:args] and the --config.* flags it was "
+             "trained with")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir or an "
-                                f"export directory (python -m eflow_jax.main --mode=export).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        what = ("this workdir has checkpoints but its config.json is gone" if has_checkpoint(run_dir) else
+                "--workdir must be a training run's workdir or an export directory (python -m eflow_jax.main "
+                "--mode=export)")
+        raise RunError(f"{path} not found: {what}; {again}.")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, or bytes that are not UTF-8.
+        raise RunError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}, line {getattr(e, 'lineno', '?')}): cut "
+                       f"short by a full disk or a kill, or edited? Restore it, or {again}.") from None
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror}): make it readable by this user.") from None
+    missing = [name for name in REQUIRED_SECTIONS if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise RunError(f"{path} lacks the {', '.join(missing)} section(s) of a run config; restore it, or {again}.")
+    return ml_collections.ConfigDict(saved)
 
 
 class RunError(RuntimeError):
@@ -112,6 +153,29 @@ class RunError(RuntimeError):
 
 class ConfigError(RunError, ValueError):
     """A config value that cannot work; the message names the field and the fix."""
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message for the CLI's `error:` line, ending with the operating-system reason behind it
+    (e.g. 'No space left on device') when the message lost it (a long library message cut short)."""
+    text = str(err)
+    reason = os_reason(err)
+    return text if reason is None or reason in text else f"{text} (the cause: {reason})"
+
+
+def os_reason(err: BaseException) -> str | None:
+    """The OS error behind `err` or its causes: an OSError's, or tensorstore's `[os_error_code='28']`."""
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = getattr(cause, "errno", None) if isinstance(cause, OSError) else None
+        if code is None and (match := re.search(r"os_error_code='?(\d+)", str(cause))):
+            code = int(match.group(1))
+        if code:
+            return os.strerror(code)
+        # `raise ... from None` cuts the chain: the error before it is not this one's cause.
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return None
 
 
 class WorkdirLock:
@@ -131,9 +195,13 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         if not self._enabled:
             return self
-        os.makedirs(self._workdir, exist_ok=True)
-        # No O_TRUNC: a failed attempt must not erase the holder's pid and host.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self._workdir, exist_ok=True)
+            # No O_TRUNC: a failed attempt must not erase the holder's pid and host.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot open the lock file {self.path} ({e.strerror}): make {self._workdir} (and "
+                           f"{LOCK_NAME} in it) writable by this user, or use another --workdir.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eflow_jax import checkpoint, rundir, sharding, text
+from eflow_jax import checkpoint, config_file, rundir, sharding, text
 from eflow_jax import state as state_lib
 from eflow_jax.flow import objectives, samplers
 from eflow_jax.flow.condition import Condition
@@ -48,6 +49,36 @@ def sample_config() -> ml_collections.ConfigDict:
         step=-1,  # Checkpoint step; -1 = latest.
         fps=8,
     ))
+
+
+def apply_sample_flags(config: ml_collections.ConfigDict, given: dict) -> ml_collections.ConfigDict:
+    """The --sample.* flags typed on the command line over the run's `sample` section (in place; a
+    snapshot older than a field gets its default first): what --mode=sample and the eval sampler use.
+
+    Args:
+      given: dotted field -> value of the typed flags only (`config_flags.get_override_values`).
+    Returns:
+      config.sample.
+    """
+    with config.unlocked():
+        if "sample" not in config:
+            config.sample = sample_config()
+    return config_file.apply_given(config.sample, sample_config(), given)
+
+
+def check_sample_flags(config, sample_cfg) -> None:
+    """Sampling settings that cannot work, as a ConfigError naming the flag (before anything loads)."""
+    s = sample_cfg
+    for field in ("num", "batch_size", "num_steps"):
+        if int(s[field]) < 1:
+            raise rundir.ConfigError(f"--sample.{field}={s[field]}: it must be >= 1; give a positive number.")
+    if not s.fps > 0:
+        raise rundir.ConfigError(f"--sample.fps={s.fps}: it must be > 0 (frames per second of the videos).")
+    if s.labels and not config.model.num_classes:
+        raise rundir.ConfigError(f"--sample.labels={s.labels!r} given, but this run takes no class labels "
+                                 f"(model.num_classes=0): give --sample.prompt='...' or --sample.prompts=FILE.")
+    if config.model.num_classes:
+        parse_labels(s.labels, int(s.num), config.model.num_classes)
 
 
 def sampler_name(config: ml_collections.ConfigDict, sample_cfg=None) -> str:
@@ -115,7 +146,11 @@ _clip_inputs = jax.jit(_clip_inputs_impl, static_argnums=(0, 1))
 def parse_labels(spec: str, num: int, num_classes: int) -> list[int]:
     if not spec:
         return [i % num_classes for i in range(num)]
-    labels = [int(v) for v in str(spec).split(",") if v.strip()]
+    try:
+        labels = [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise rundir.ConfigError(f"--sample.labels={spec!r} is not a list of class ids: give comma-separated integers "
+                                 f"in [0, {num_classes}), e.g. --sample.labels=0,1.") from None
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"--sample.labels {bad} outside [0, {num_classes}); this run has {num_classes} classes.")
@@ -204,9 +239,11 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps: int, fps: int,
-                 log: Callable[[str], None] | None = None, prompts: Sequence[str] | None = None) -> list[str]:
-    """mp4 + gif per clip (named by clip index, label (or prompt index) and seed: repeats never collide)
-    and a grid, via eval.export (pixels in [-1, 1] assumed). Returns the files written."""
+                 log: Callable[[str], None] | None = None, prompts: Sequence[str] | None = None,
+                 train_step: int | None = None) -> list[str]:
+    """mp4 + gif per clip (named by clip index, label (or prompt index), seed, sampler steps and the
+    training step of the params: repeats never collide) and a grid, via eval.export (pixels in [-1, 1] assumed).
+    Returns the files written."""
     from eflow_jax.eval import export
 
     os.makedirs(out_dir, exist_ok=True)
@@ -214,7 +251,8 @@ def write_videos(out_dir: str, videos: np.ndarray, labels, seed: int, num_steps:
     progress = Progress("writing videos", n, log=log)
     return [str(p) for p in export.save_samples(out_dir, np.clip(videos, -1, 1), list(labels), [seed] * n,
                                                 num_steps, fps, indices=range(n),
-                                                on_written=lambda: progress.update(1), prompts=prompts)]
+                                                on_written=lambda: progress.update(1), prompts=prompts,
+                                                train_step=train_step)]
 
 
 def requests_for(config, sample_cfg, num: int, prompts: Sequence[str] = ()) -> Requests:
@@ -267,31 +305,128 @@ def _vae_decoder(directory: str):
 
 
 def write_requests(out_dir: str, videos: np.ndarray, requests: Requests, seed: int, num_steps: int, fps: int,
-                   log: Callable[[str], None] | None = None) -> list[str]:
-    """write_videos for `requests`: named by prompt index (and a prompt sheet) for text runs."""
+                   log: Callable[[str], None] | None = None, *, train_step: int | None = None,
+                   record: dict | None = None) -> list[str]:
+    """write_videos for `requests`: named by prompt index (and a prompt sheet) for text runs. `record`
+    (samples_record) is written to the folder's samples.json first."""
+    if record is not None:
+        write_samples_record(out_dir, record)
     if requests.prompt_ids is not None:
-        return write_videos(out_dir, videos, requests.prompt_ids, seed, num_steps, fps, log, prompts=requests.prompts)
-    return write_videos(out_dir, videos, requests.labels, seed, num_steps, fps, log)
+        return write_videos(out_dir, videos, requests.prompt_ids, seed, num_steps, fps, log, prompts=requests.prompts,
+                            train_step=train_step)
+    return write_videos(out_dir, videos, requests.labels, seed, num_steps, fps, log, train_step=train_step)
 
 
-def run_sample_mode(config, workdir: str, out_dir: str, sample_cfg, mesh) -> list[str]:
+# ---- one folder, one run, step and settings ----
+
+SAMPLE_FILES = (".mp4", ".gif", ".png")  # What a sample folder holds (and prompts.txt): another run's, if unrecorded.
+RECORD_FREE_KEYS = ("num",)  # More or fewer clips of the same settings are the same clips (clip i: key i).
+
+
+def samples_record(config, run_dir: str, train_step: int | None, sample_cfg, requests: Requests, *,
+                   kind: str = "sample", num_steps=None) -> dict:
+    """What makes a folder's clips: the run, the training step of the params and every setting a clip
+    depends on (samples.json)."""
+    s = sample_cfg
+    sampler = sampler_name(config, s)
+    record = dict(kind=kind, run=os.path.abspath(run_dir), step=train_step,
+                  params="ema" if s.use_ema else "raw", sampler=sampler,
+                  num_steps=int(s.num_steps) if num_steps is None else [int(n) for n in num_steps],
+                  seed=int(s.seed), fps=s.fps, num=len(requests))
+    if sampler in ITERATIVE_SAMPLERS:  # Solution samplers have guidance trained in.
+        record.update(guidance=s.guidance, guidance_scale=float(s.guidance_scale))
+    if requests.prompts:  # Clip i is conditioned on prompt i mod len(prompts) ...
+        record["prompts"] = list(requests.prompts)
+    else:  # ... or on label i mod len(labels) of this list (empty: the classes in turn).
+        record["labels"] = str(s.labels)
+    return record
+
+
+def default_samples_dir(run_dir: str, record: dict) -> str:
+    """--mode=sample's default output: run_dir/samples/step_<n>/<sampler>_<k>steps_seed<s>[_raw]/."""
+    name = f"{record['sampler']}_{record['num_steps']}steps_seed{record['seed']}"
+    return os.path.join(rundir.samples_dir(run_dir, record["step"]),
+                        name + ("_raw" if record["params"] == "raw" else ""))
+
+
+def samples_dir_for(out_dir: str, record: dict, *, fresh_if_taken: bool) -> str:
+    """`out_dir`, unless it holds samples of another run, step or settings: then a fresh sibling
+    (`<out_dir>_2`, ...) when `fresh_if_taken` (the default folder), else a RunError naming the
+    difference. Read-only: the record is written with the samples (write_requests)."""
+    candidate, n = out_dir, 1
+    while (problem := _samples_conflict(candidate, record)) is not None:
+        if not fresh_if_taken:
+            raise rundir.RunError(f"--out={out_dir} {problem}; writing these samples there would mix them with no "
+                                  f"way to tell them apart: pass another --out, or delete that folder to replace them.")
+        n += 1
+        candidate = f"{out_dir}_{n}"
+    if candidate != out_dir:
+        logging.warning("%s %s: writing to %s instead.", out_dir, _samples_conflict(out_dir, record), candidate)
+    return candidate
+
+
+def _samples_conflict(out_dir: str, record: dict) -> str | None:
+    """Why `record`'s clips cannot go into out_dir, or None."""
+    path = rundir.samples_record_path(out_dir)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                held = json.load(f)
+        except ValueError:
+            return f"has an unreadable {os.path.basename(path)}"
+        keys = [k for k in {**held, **record} if k not in RECORD_FREE_KEYS]
+        diff = [f"{k}: {held.get(k, '<absent>')!r} there, {record.get(k, '<absent>')!r} now" for k in keys
+                if held.get(k, "<absent>") != record.get(k, "<absent>")]
+        return f"holds other samples ({'; '.join(diff)})" if diff else None
+    if os.path.isdir(out_dir) and any(name.endswith(SAMPLE_FILES) or name == "prompts.txt"
+                                      for name in os.listdir(out_dir)):
+        return (f"holds sample files but no {os.path.basename(path)} saying which run, checkpoint step and "
+                f"settings made them")
+    return None
+
+
+def write_samples_record(out_dir: str, record: dict) -> None:
+    """samples.json of out_dir; `num` is the most clips written there (a prefix of the same clips)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = rundir.samples_record_path(out_dir)
+    record = dict(record)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                record["num"] = max(record["num"], int(json.load(f).get("num", 0)))
+        except (ValueError, TypeError):
+            pass
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def run_sample_mode(config, workdir: str, out_dir: str | None, sample_cfg, mesh) -> list[str]:
     """--mode=sample: `sample_cfg.num` clips of `sample_cfg.labels` (or prompts, for text runs) from a
-    run's (EMA) params, written to out_dir. Returns the files written (every process generates;
-    process 0 writes)."""
+    run's (EMA) params, written to out_dir (default: default_samples_dir). Returns the files written
+    (every process generates; process 0 writes).
+
+    A folder holds the clips of one run, checkpoint step and settings (samples.json): an --out holding
+    others is refused before any work; the default folder moves to a fresh sibling instead.
+    """
     from eflow_jax.models import dit
 
     s = sample_cfg
+    check_sample_flags(config, s)
     requests = requests_for(config, s, s.num)
+    step = checkpoint_step(workdir, None if s.step < 0 else s.step)
+    record = samples_record(config, workdir, step, s, requests)
+    out_dir = samples_dir_for(out_dir or default_samples_dir(workdir, record), record, fresh_if_taken=not out_dir)
     _, net = dit.make_network(config.model)
-    params = load_params(workdir, config, mesh, use_ema=s.use_ema, step=None if s.step < 0 else s.step)
+    params = load_params(workdir, config, mesh, use_ema=s.use_ema, step=step)
     videos = generate(config, net, params, requests, s.num_steps, s.seed, s.batch_size, s, mesh)
     if (decode := pixel_decoder(config)) is not None:  # Latent runs: watchable videos, via the run's VAE.
         videos = decode(videos)
     if jax.process_index() != 0:
         return []
-    paths = write_requests(out_dir, videos, requests, s.seed, s.num_steps, s.fps)
+    paths = write_requests(out_dir, videos, requests, s.seed, s.num_steps, s.fps, train_step=step, record=record)
     written = sorted({p for p in paths if os.path.isfile(p)})
-    logging.info("wrote %d files (%d clips as mp4 + gif, and a grid) to %s", len(written), len(requests), out_dir)
+    logging.info("wrote %d files (%d clips as mp4 + gif, and a grid) of checkpoint step %s to %s", len(written),
+                 len(requests), step, out_dir)
     return written
 
 
@@ -309,10 +444,36 @@ def abstract_params(config, mesh):
     return abstract.params
 
 
+def checkpoint_step(run_dir: str, step: int | None = None) -> int | None:
+    """The training step of the params `load_params(run_dir, step=step)` loads: `step`, else the
+    latest checkpoint; for an export, the step it recorded (None if it predates export.json).
+
+    An export holds one set of params: another step asked of it is refused (it would be ignored).
+    """
+    if rundir.is_export(run_dir):
+        record = rundir.read_export_record(run_dir)
+        recorded = record.get("checkpoint_step")
+        if step is not None and step != recorded:
+            held = f"step {recorded}" if recorded is not None else "one step"
+            source = f" ({record['source']})" if record.get("source") else ""
+            raise rundir.RunError(f"{run_dir} is an export: it holds the params of {held} only, so "
+                                  f"--sample.step={step} cannot be honoured; drop --sample.step, or pass the "
+                                  f"training run's workdir{source} as --workdir to use step {step}.")
+        return recorded
+    if step is not None:
+        return step
+    latest = checkpoint.latest_step(rundir.ckpt_dir(run_dir)) if rundir.has_checkpoint(run_dir) else None
+    if latest is None:
+        raise rundir.RunError(f"{run_dir} has no checkpoint (no ckpt/<step>/) and is no export (no params/): "
+                              f"--workdir must be a training run's workdir or an export directory.")
+    return latest
+
+
 def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int | None = None):
     """EMA (or raw) params from a run's checkpoints or an export dir, onto `mesh`."""
     target = abstract_params(config, mesh)
     if rundir.is_export(run_dir):  # An export: params only, no optimizer state.
+        checkpoint_step(run_dir, step)  # Refuses a step it does not hold.
         return checkpoint.restore_saved_params(rundir.params_dir(run_dir), target)
     ckpt_dir = rundir.ckpt_dir(run_dir)
     logging.info("restoring %s params from %s", "EMA" if use_ema else "raw", ckpt_dir)
@@ -320,12 +481,25 @@ def load_params(run_dir: str, config, mesh, *, use_ema: bool = True, step: int |
 
 
 def export(run_dir: str, out_dir: str, mesh, *, use_ema: bool = True, step: int | None = None) -> str:
-    """Writes params (EMA by default) + config.json to out_dir: small, loadable by `load_params`."""
+    """Writes params (EMA by default), config.json and export.json (which step, which params, where
+    from) to out_dir: small, loadable by `load_params`. Refuses an out_dir that is a training run's
+    workdir (its own included): params/ there would turn that run into an export."""
+    if os.path.realpath(out_dir) == os.path.realpath(run_dir) or rundir.has_checkpoint(out_dir):
+        which = "this run's own workdir" if os.path.realpath(out_dir) == os.path.realpath(run_dir) else \
+            "a training run's workdir"
+        raise rundir.RunError(f"--out={out_dir} is {which}: params/ written there would turn it into an export "
+                              f"(its checkpoints and --sample.step ignored from then on); use another --out "
+                              f"(the default is {rundir.export_dir(run_dir)}).")
     config = rundir.read_config(run_dir)
+    step = checkpoint_step(run_dir, step)
     params = load_params(run_dir, config, mesh, use_ema=use_ema, step=step)
     os.makedirs(out_dir, exist_ok=True)
     checkpoint.save_params(rundir.params_dir(out_dir), params)
     if jax.process_index() == 0:
         with open(rundir.config_path(out_dir), "w") as f:
             f.write(config.to_json(indent=2))
+        record = rundir.read_export_record(run_dir) if rundir.is_export(run_dir) else dict(
+            checkpoint_step=step, params="ema" if use_ema else "raw", source=os.path.abspath(run_dir))
+        with open(rundir.export_record_path(out_dir), "w") as f:
+            json.dump(record, f, indent=2)
     return out_dir

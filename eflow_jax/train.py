@@ -167,6 +167,16 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     if config.train.dense_compile not in DENSE_COMPILE:
         raise ValueError(f"train.dense_compile={config.train.dense_compile!r}; use one of {DENSE_COMPILE}.")
     dit.layout_of(config.model)
+    m = config.model
+    if m.num_classes < 0 or (not m.num_classes and not m.context_dim):
+        raise ValueError(f"model.num_classes={m.num_classes} and model.context_dim={m.context_dim}: the model "
+                         f"would take neither class labels nor text; set --config.model.num_classes to the data's "
+                         f"class count (data.num_classes={config.data.num_classes}), or train a text config "
+                         f"(configs/t2v.py).")
+    if not m.num_classes and config.data.num_classes:
+        raise ValueError(f"model.num_classes=0 but data.num_classes={config.data.num_classes}: the model would "
+                         f"ignore the data's labels; set --config.model.num_classes={config.data.num_classes} "
+                         f"(or --config.data.num_classes=0 for a text run).")
     objectives.validate_config(config.objective)
     optim.validate_config(config.optim)
     if (ema_warning := optim.ema_horizon_warning(config.optim, config.total_steps)) is not None:
@@ -193,7 +203,6 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     if h != w:
         raise ValueError(f"model.video_shape={tuple(config.model.video_shape)}: the data pipeline makes square "
                          f"clips; set H == W.")
-    m = config.model
     pipeline.validate_data_config(config.data, model_frames=t, model_size=h, model_channels=c,
                                   text_shape=(m.context_len, m.context_dim) if m.context_dim else None,
                                   text=text_lib.caption_encoder(config))
@@ -502,8 +511,12 @@ def _train(config, workdir: str, prog: Program, data_iter, guard, closing: conte
                                      batch_size=len(requests))
             if decode is not None:  # Latent runs: the run's VAE makes them watchable.
                 videos = decode(videos)
-            if jax.process_index() == 0:
-                sample.write_requests(rundir.samples_dir(workdir, step), videos, requests, 0, n, config.log.fps)
+            if jax.process_index() == 0:  # One folder per step; its samples.json says what made the files.
+                record = sample.samples_record(config, workdir, step, config.sample, requests, kind="train",
+                                               num_steps=config.log.sample_steps)
+                record.update(seed=0, fps=config.log.fps, params="ema")
+                sample.write_requests(rundir.samples_dir(workdir, step), videos, requests, 0, n, config.log.fps,
+                                      train_step=step, record=record)
                 from eflow_jax.eval import export
 
                 writer.video_strip(step, f"samples/{n}_step", export.image_strip(videos[0], 8))

@@ -68,5 +68,21 @@ class MetricWriter:
             self._tb.close()
         except OSError as e:
             logging.warning("could not flush the TensorBoard events in %s: %s", self._tb.logdir, e)
+            _give_up_events(self._tb)
         finally:
             self._jsonl.close()
+
+
+def _give_up_events(tb) -> None:
+    """After a failed flush: stops tensorboardX's writer threads and marks its files closed, so its atexit
+    hook does not flush again and print a traceback under the run's error line (tensorboardX internals:
+    best effort)."""
+    for file_writer in list((getattr(tb, "all_writers", None) or {}).values()):
+        events = getattr(file_writer, "event_writer", None)
+        worker = getattr(events, "_worker", None)
+        if worker is not None and worker.is_alive():
+            events._event_queue.put(worker._shutdown_signal)
+            worker.join(timeout=10)
+        if events is not None:
+            events._closed = True
+    tb.file_writer = tb.all_writers = None

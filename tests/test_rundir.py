@@ -108,3 +108,51 @@ def test_snapshots_from_before_text_conditioning_still_resume():
     assert rundir.model_diff(old, current) == []
     text = dict(current, context_dim=64)
     assert rundir.model_diff(dict(old, context_dim=64), text) == ["model.context_len: <absent> -> 77"]
+
+
+def test_an_unwritable_lock_file_is_one_line(tmp_path, monkeypatch):
+    # Tests run as root, where chmod does not stop a write: the error an unwritable workdir gives instead.
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(rundir.os, "open", denied)
+    with pytest.raises(rundir.RunError, match=rf"^cannot open the lock file {tmp_path}/.lock \(Permission denied\): "
+                                              rf"make {tmp_path} \(and .lock in it\) writable by this user, or use "
+                                              r"another --workdir.$"):
+        rundir.WorkdirLock(str(tmp_path)).__enter__()
+
+
+def test_a_missing_cut_or_empty_config_json_is_one_line_naming_the_way_on(tmp_path):
+    path = tmp_path / "config.json"
+    with pytest.raises(rundir.RunError, match=r"config.json not found: --workdir must be a training run's workdir "
+                                              r"or an export directory .*--config=<file>.py"):
+        rundir.read_config(str(tmp_path))
+    text = demo.get_config("test=1").to_json(indent=2)
+    path.write_text(text[: len(text) // 2])  # Cut short (a full disk, a kill).
+    with pytest.raises(rundir.RunError, match=r"config.json is not valid JSON \(.*, line \d+\): cut short .* "
+                                              r"Restore it, or pass the run's config again with --config="):
+        rundir.read_config(str(tmp_path))
+    path.write_text("{}")
+    with pytest.raises(rundir.RunError, match="config.json lacks the model, data, objective section"):
+        rundir.read_config(str(tmp_path))
+    path.write_text(text)
+    assert rundir.read_config(str(tmp_path)).model.num_classes == 4
+
+
+def test_the_os_reason_survives_a_cut_message():
+    long_path = "/ckpt/" + "x" * 300
+    orbax = ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{long_path}": Failed to write 94797 bytes '
+                       f"to file 9: No space left on device [os_error_code='28']")
+    try:
+        try:
+            raise orbax
+        except ValueError as e:
+            raise rundir.RunError(f"saving step 2 failed: {str(e)[:300]}...; free space, then rerun.") from e
+    except rundir.RunError as e:
+        assert rundir.one_line(e).endswith("then rerun. (the cause: No space left on device)")
+    with pytest.raises(rundir.RunError) as err:  # `from None`: the error handled before is no cause.
+        try:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        except BlockingIOError:
+            raise rundir.RunError("workdir in use") from None
+    assert rundir.one_line(err.value) == "workdir in use"

@@ -7,6 +7,7 @@ objective, and the few-step samplers are exercised by sampling with an 'eflow' c
 """
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -180,11 +181,16 @@ def test_cli_sample_mode_writes_a_file_per_clip(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     names = sorted(os.listdir(out))
-    stems = ["clip00000_label0001_seed5_steps2", "clip00001_label0003_seed5_steps2",
-             "clip00002_label0001_seed5_steps2"]
-    expected = ["grid_steps2.gif", "grid_steps2.mp4"] + [f"{s}.{e}" for s in stems for e in ("gif", "mp4")]
+    # Every name says which training step's params made it (the run's latest checkpoint: step 4).
+    stems = ["clip00000_label0001_seed5_steps2_trainstep4", "clip00001_label0003_seed5_steps2_trainstep4",
+             "clip00002_label0001_seed5_steps2_trainstep4"]
+    expected = ["grid_steps2_trainstep4.gif", "grid_steps2_trainstep4.mp4", "samples.json"] + [
+        f"{s}.{e}" for s in stems for e in ("gif", "mp4")]
     assert names == sorted(expected)
-    assert f"wrote {len(names)} files" in done.stderr
+    assert f"wrote {len(names) - 1} files" in done.stderr
+    assert json.loads((out / "samples.json").read_text()) | {"run": ""} == dict(
+        kind="sample", run="", step=4, params="ema", sampler="euler", num_steps=2, seed=5, fps=6, num=3,
+        guidance="cfg", guidance_scale=3.0, labels="1,3")
     assert "sampling: 3/3 clips (100%)" in done.stderr and "writing videos: 3/3 clips" in done.stderr
     t, h, w, _ = VIDEO_SHAPE
     clips = []
@@ -196,5 +202,5 @@ def test_cli_sample_mode_writes_a_file_per_clip(run_dir, tmp_path):
         assert mp4.std() > 5 and gif.std() > 5  # A sample (noise-like after 4 steps), not blank.
         clips.append(mp4.astype(int))
     assert np.abs(clips[0] - clips[1]).mean() > 10 and np.abs(clips[0] - clips[2]).mean() > 10  # All differ.
-    grid, _ = _decode(out / "grid_steps2.mp4")
+    grid, _ = _decode(out / "grid_steps2_trainstep4.mp4")
     assert grid.shape[0] == t and grid.shape[2] > 2 * w  # Clips side by side.

@@ -54,10 +54,10 @@ def test_captioned_folder_to_samples_by_prompt(tmp_path):
          "--sample.num=4", f"--out={out}")
     names = sorted(os.listdir(out))
     assert [n for n in names if n.endswith(".mp4") and n.startswith("clip")] == [
-        f"clip{i:05d}_prompt{i % 2:04d}_seed0_steps2.mp4" for i in range(4)]
+        f"clip{i:05d}_prompt{i % 2:04d}_seed0_steps2_trainstep4.mp4" for i in range(4)]
     assert (out / "prompts.txt").read_text().splitlines() == ["0\ta man talking on the phone",
                                                              "1\tbikes racing on a track"]
-    assert "grid_steps2_prompts.png" in names
+    assert "grid_steps2_trainstep4_prompts.png" in names and "samples.json" in names
     # A class-conditional flag on a text run, and a text run without prompts, are one-line errors.
     bad = _run("eflow_jax.main", "--mode=sample", f"--workdir={workdir}", f"--out={tmp_path / 'x'}", check=False)
     assert bad.returncode and "error: this run is text-conditioned: give --sample.prompt" in bad.stderr

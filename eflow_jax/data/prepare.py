@@ -332,7 +332,7 @@ def prepare_dataset(
     if settings.codec not in ("jpeg", "raw"):
         raise ValueError(f"codec must be 'jpeg' or 'raw', got {settings.codec!r}")
     check_numeric_args(dict(dataclasses.asdict(settings), workers=workers, videos_per_shard=videos_per_shard))
-    videos = list_videos(src, annotations)
+    videos = list_videos(src, annotations, out)
     items, classes = videos.items, videos.classes
     fingerprint = source_hash(items, settings, classes)
     _check_plan(out, fingerprint, settings)
@@ -346,8 +346,12 @@ def prepare_dataset(
         if reports[name] is None
     ]
     if videos.duplicates:
-        log(f"[prepare] warning: {len(videos.duplicates)} rows of {annotations} list a video again; kept the "
-            f"first row of each (e.g. {videos.duplicates[0]})")
+        relabelled = (f", {videos.relabelled} of them under another label (the first row's label is kept)"
+                      if videos.relabelled else "")
+        log(f"[prepare] warning: {len(videos.duplicates)} rows of {annotations} list a video again{relabelled}; "
+            f"kept the first row of each (e.g. {videos.duplicates[0]}; all in manifest.json)")
+    if videos.skipped_out:
+        log(f"[prepare] --out={out} is inside --src: left out of the listing")
     log(
         f"[prepare] {len(items)} videos, "
         + ("captioned" if videos.captioned else f"{len(classes)} classes")
@@ -369,7 +373,7 @@ def prepare_dataset(
         num_videos_used=len(items) - num_skipped,
         ignored_files=videos.ignored,
         source={"src": os.path.abspath(src), "annotations": annotations, "hash": fingerprint},
-        **(_caption_fields(videos) if videos.captioned else {}),
+        **(_caption_fields(videos) if videos.captioned else _duplicate_fields(videos) if videos.duplicates else {}),
     )
     log(
         f"[prepare] done: {manifest['num_examples']} clips from {manifest['num_videos_used']} "
@@ -382,8 +386,15 @@ def prepare_dataset(
 
 def _caption_fields(videos) -> dict[str, Any]:
     """Manifest fields of a captioned dataset: the flag readers check, and the dropped duplicate rows."""
-    return {"captioned": True, "num_duplicate_rows": len(videos.duplicates),
-            "duplicate_rows": videos.duplicates[:MAX_LISTED_DUPLICATES]}
+    return {"captioned": True, **_duplicate_fields(videos)}
+
+
+def _duplicate_fields(videos) -> dict[str, Any]:
+    """The dropped duplicate annotation rows (counted; listed up to MAX_LISTED_DUPLICATES)."""
+    fields = {"num_duplicate_rows": len(videos.duplicates), "duplicate_rows": videos.duplicates[:MAX_LISTED_DUPLICATES]}
+    if videos.relabelled:
+        fields["num_relabelled_rows"] = videos.relabelled
+    return fields
 
 
 def write_clips(

@@ -59,6 +59,8 @@ class VideoList:
     ignored: dict[str, int]  # Files under --src that are not videos, counted by extension.
     captioned: bool = False
     duplicates: list[str] = dataclasses.field(default_factory=list)  # 'file:line: video' of rows dropped.
+    relabelled: int = 0  # Of those, rows that gave the clip another label than its first row.
+    skipped_out: bool = False  # --out is inside --src and was left out of the listing.
 
 
 def check_numeric_args(values: dict[str, Any]) -> None:
@@ -99,13 +101,13 @@ def _extension(file: str) -> str:
     return os.path.splitext(file)[1].lower() or "(none)"
 
 
-def _index_videos(src: str) -> tuple[dict[str, str], Counter]:
+def _index_videos(src: str, skip: str | None = None) -> tuple[dict[str, str], Counter]:
     """(file stem -> path for every video under src at any depth, first in sorted order wins;
-    the other files by extension)."""
+    the other files by extension). `skip`: a folder (real path) left out, --out when it is inside --src."""
     index: dict[str, str] = {}
     ignored: Counter = Counter()
     for root, dirs, files in os.walk(src):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
         for file in sorted(files):
             if _is_video(file):
                 index.setdefault(os.path.splitext(file)[0], os.path.join(root, file))
@@ -119,8 +121,11 @@ def _row_error(annotations: str, line: int, problem: str) -> ValueError:
                       f"{', '.join(KINETICS_COLUMNS)}).")
 
 
-def list_kinetics_videos(src: str, annotations: str) -> VideoList:
-    """Reads a Kinetics annotation CSV (utf-8, with or without Excel's byte-order mark)."""
+def list_kinetics_videos(src: str, annotations: str, skip: str | None = None) -> VideoList:
+    """Reads a Kinetics annotation CSV (utf-8, with or without Excel's byte-order mark).
+
+    A clip listed again is dropped (its first row, and so its first label, wins) and reported, with
+    both labels when they differ."""
     rows = []
     with open(annotations, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -137,21 +142,34 @@ def list_kinetics_videos(src: str, annotations: str) -> VideoList:
             except ValueError:
                 raise _row_error(annotations, reader.line_num, f"time_start={row['time_start']!r}, "
                                  f"time_end={row['time_end']!r} are not numbers") from None
-            rows.append((row["label"], f"{row['youtube_id']}_{start:06d}_{end:06d}"))
-    classes = sorted({label for label, _ in rows})
+            rows.append((reader.line_num, row["label"], f"{row['youtube_id']}_{start:06d}_{end:06d}"))
+    first: dict[str, tuple[int, str]] = {}
+    kept, duplicates, relabelled = [], [], 0
+    for line, label, stem in rows:
+        if stem in first:
+            first_line, first_label = first[stem]
+            other = f", labelled {first_label!r} there, {label!r} here" if label != first_label else ""
+            relabelled += bool(other)
+            duplicates.append(f"{os.path.basename(annotations)}:{line}: {stem} (first on line {first_line}{other})")
+            continue
+        first[stem] = (line, label)
+        kept.append((label, stem))
+    classes = sorted({label for _, label, _ in rows})  # Every label of the file: ids do not hang on duplicates.
     label_of = {name: i for i, name in enumerate(classes)}
-    index, ignored = _index_videos(src)
+    index, ignored = _index_videos(src, skip)
     items = []
-    for label, stem in rows:
+    for label, stem in kept:
         path = index.get(stem)
         name = os.path.relpath(path, src) if path else stem + ".mp4"
         items.append(VideoItem(path, name, label_of[label]))
-    return VideoList(sorted(items, key=lambda item: item.name), classes, dict(ignored))
+    return VideoList(sorted(items, key=lambda item: item.name), classes, dict(ignored), duplicates=duplicates,
+                     relabelled=relabelled)
 
 
-def list_class_folder_videos(src: str) -> VideoList:
-    """Reads the src/<class_name>/<video> layout."""
-    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+def list_class_folder_videos(src: str, skip: str | None = None) -> VideoList:
+    """Reads the src/<class_name>/<video> layout (`skip`: a folder, by real path, that is no class)."""
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))
+                     and os.path.realpath(os.path.join(src, d)) != skip)
     items, ignored = [], Counter()
     for label, class_name in enumerate(classes):
         for file in sorted(os.listdir(os.path.join(src, class_name))):
@@ -239,7 +257,7 @@ def _is_kinetics_csv(annotations: str) -> bool:
     return all(c in header for c in KINETICS_COLUMNS)
 
 
-def list_caption_videos(src: str, annotations: str) -> VideoList:
+def list_caption_videos(src: str, annotations: str, skip: str | None = None) -> VideoList:
     """Reads caption annotations (CSV or JSON lines, see the module docstring).
 
     A video is a path relative to --src, an absolute path, or a file stem (WebVid's 'videoid')
@@ -255,7 +273,7 @@ def list_caption_videos(src: str, annotations: str) -> VideoList:
             path = candidate
         else:
             if index is None:  # Only when a row is not a path: walking a large --src takes a while.
-                index, ignored = _index_videos(src)
+                index, ignored = _index_videos(src, skip)
             path = index.get(os.path.splitext(os.path.basename(video))[0])
         name = os.path.relpath(path, src) if path else video
         if name.startswith(".." + os.sep):
@@ -269,15 +287,27 @@ def list_caption_videos(src: str, annotations: str) -> VideoList:
                      duplicates=duplicates)
 
 
-def list_videos(src: str, annotations: str | None) -> VideoList:
+def list_videos(src: str, annotations: str | None, out: str | None = None) -> VideoList:
+    """The videos of --src. `out` (--out) inside --src is left out: its shards are no videos, and in
+    the class-folder layout it would become a class on the second run."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src={src} is not a directory")
+    skip = None
+    if out is not None:
+        src_real, out_real = os.path.realpath(src), os.path.realpath(out)
+        if out_real == src_real:
+            raise ValueError(f"--out={out} is --src itself: the shards would land among the videos; use another "
+                             f"--out (e.g. beside --src).")
+        if os.path.commonpath([src_real, out_real]) == src_real:
+            skip = out_real
     if not annotations:
-        videos = list_class_folder_videos(src)
+        videos = list_class_folder_videos(src, skip)
     elif _is_kinetics_csv(annotations):
-        videos = list_kinetics_videos(src, annotations)
+        videos = list_kinetics_videos(src, annotations, skip)
     else:
-        videos = list_caption_videos(src, annotations)
+        videos = list_caption_videos(src, annotations, skip)
+    if skip is not None:
+        videos = dataclasses.replace(videos, skipped_out=True)
     if not videos.items:
         raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found for --src={src} "
                          f"--annotations={annotations} (ignored files by extension: {videos.ignored})")

@@ -22,9 +22,9 @@ _TRUNCATION_SLACK_FRAMES = 2
 class VideoDecodeError(ValueError):
     """A video could not be decoded. `kind` says why, for reports.
 
-    Kinds: 'missing', 'zero-byte', 'unreadable' (container or bitstream corrupt; a truncated mp4
-    whose index sits at the end lands here too), 'truncated' (fewer frames than the container
-    declares), 'no-video'.
+    Kinds: 'missing', 'zero-byte', 'permission-denied', 'unreadable' (container or bitstream corrupt; a
+    truncated mp4 whose index sits at the end lands here too), 'truncated' (fewer frames than the
+    container declares), 'no-video'.
     """
 
     def __init__(self, message: str, kind: str = "unreadable"):
@@ -46,6 +46,9 @@ def _open_container(path_or_bytes: str | os.PathLike | bytes) -> av.container.In
             raise VideoDecodeError(f"zero-byte file: {name}", "zero-byte")
     try:
         container = av.open(source)
+    except PermissionError as e:  # Before the generic case: it is no damage to the file (av's is both).
+        raise VideoDecodeError(f"permission denied reading {name} ({e.strerror or e}): make it readable by this "
+                               f"user (chmod a+r)", "permission-denied") from e
     except (av.FFmpegError, EOFError, OSError) as e:
         raise VideoDecodeError(f"cannot open {name} (corrupt or truncated?): {e}") from e
     if not container.streams.video:

@@ -206,23 +206,31 @@ def image_strip(video: np.ndarray, num_frames: int) -> np.ndarray:
     return np.concatenate(list(video[picks]), axis=1)
 
 
-def sample_stem(label: int, seed: int, steps: int, index: int | None = None, what: str = "label") -> str:
-    """File name stem shared by a sample's mp4 and gif (prefixed by the clip index when given);
-    what='prompt': `label` is the index of the clip's prompt."""
-    stem = f"{what}{int(label):04d}_seed{int(seed)}_steps{int(steps)}"
+def sample_stem(label: int, seed: int, steps: int, index: int | None = None, what: str = "label",
+                train_step: int | None = None) -> str:
+    """File name stem shared by a sample's mp4 and gif: prefixed by the clip index and ended by
+    `_trainstep<n>` (the training step of the params) when given; what='prompt': `label` is the index
+    of the clip's prompt."""
+    stem = f"{what}{int(label):04d}_seed{int(seed)}_steps{int(steps)}" + _step_suffix(train_step)
     return stem if index is None else f"clip{int(index):05d}_{stem}"
+
+
+def _step_suffix(train_step: int | None) -> str:
+    return "" if train_step is None else f"_trainstep{int(train_step)}"
 
 
 def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
                  seeds: Sequence[int], steps: int, fps: float, grid_cols: int | None = None,
                  indices: Sequence[int] | None = None,
                  on_written: Callable[[], None] | None = None,
-                 prompts: Sequence[str] | None = None) -> list[Path]:
+                 prompts: Sequence[str] | None = None, train_step: int | None = None) -> list[Path]:
     """Writes one mp4 + gif per sample, plus `grid_steps{n}.mp4/.gif` of all samples.
 
     With `prompts` (text runs), `labels` are prompt indices: names say `prompt0003`, and
     `prompts.txt` (index<TAB>prompt) and `grid_steps{n}_prompts.png` (each clip's frames beside its
-    prompt) are written too.
+    prompt) are written too. With `train_step`, every name but prompts.txt carries
+    `_trainstep<step>` (`grid_steps2_trainstep12.mp4`, `grid_steps2_trainstep12_prompts.png`): files
+    copied elsewhere still say which params made them.
 
     Args:
       out_dir: destination folder (created).
@@ -234,6 +242,7 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
       grid_cols: grid columns; default ceil(sqrt(N)).
       indices: clip index per sample (N), put in the names; needed when (label, seed) repeats.
       on_written: called after each sample's two files are written (progress).
+      train_step: the training step of the params that made them, put in the names.
     Returns:
       Paths written: per-sample mp4, gif (in sample order), then the grid mp4 and gif.
     """
@@ -246,7 +255,8 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
         raise ValueError(f"need one label and seed (and index, if given) per video: {n} videos, "
                          f"{len(labels)} labels, {len(seeds)} seeds, {len(indices)} indices")
     what = "label" if prompts is None else "prompt"
-    stems = [sample_stem(label, seed, steps, i, what) for label, seed, i in zip(labels, seeds, indices, strict=True)]
+    stems = [sample_stem(label, seed, steps, i, what, train_step)
+             for label, seed, i in zip(labels, seeds, indices, strict=True)]
     repeated = sorted(stem for stem, k in Counter(stems).items() if k > 1)
     if repeated:  # Would silently overwrite one clip with another.
         raise ValueError(f"samples {repeated[:3]} repeat (label, seed): pass indices= to name each clip.")
@@ -259,13 +269,14 @@ def save_samples(out_dir: str | Path, videos: np.ndarray, labels: Sequence[int],
         if on_written is not None:
             on_written()
     grid = video_grid(frames, grid_cols or int(np.ceil(np.sqrt(n))))
-    paths.append(write_mp4(out_dir / f"grid_steps{int(steps)}.mp4", grid, fps))
-    paths.append(write_gif(out_dir / f"grid_steps{int(steps)}.gif", grid, fps))
+    grid_stem = f"grid_steps{int(steps)}{_step_suffix(train_step)}"
+    paths.append(write_mp4(out_dir / f"{grid_stem}.mp4", grid, fps))
+    paths.append(write_gif(out_dir / f"{grid_stem}.gif", grid, fps))
     if prompts is not None:
         listing = out_dir / "prompts.txt"
         listing.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
         paths.append(listing)
-        paths.append(prompt_sheet(out_dir / f"grid_steps{int(steps)}_prompts.png", frames,
+        paths.append(prompt_sheet(out_dir / f"{grid_stem}_prompts.png", frames,
                                   [prompts[int(label)] for label in labels]))
     return paths
 

@@ -234,7 +234,11 @@ def layout_of(cfg: ml_collections.ConfigDict) -> tokens.TokenLayout:
         raise ValueError(f"model.variant={cfg.variant!r} is unknown; choose one of {sorted(VARIANTS)}.")
     width, heads, _ = VARIANTS[cfg.variant]
     attention.check_supported(cfg.attention_impl, width // heads, cfg.dtype)
-    t, h, w, _ = cfg.video_shape
+    shape = tuple(cfg.video_shape)
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"model.video_shape={shape}: give 4 positive sizes (frames, height, width, channels), "
+                         f"e.g. --config.model.video_shape=(4,16,16,3).")
+    t, h, w, _ = shape
     return tokens.validate_layout(t, h, w, tuple(cfg.patch), tuple(cfg.tile), tuple(cfg.cell),
                                   tuple(cfg.drop_group), cfg.keep_per_group)
 
