@@ -18,6 +18,7 @@ CORE = [
     "av",  # PyAV: decode real videos, write mp4/gif samples.
     "pillow",  # tensorboardX encodes the sample strips it logs as PNG through PIL.
     "filelock",  # jax's compilation cache locks its entries with it (compile_cache.configure).
+    "sentencepiece>=0.2,<0.3",  # The T5-family text encoders' tokenizer (models/t5.py).
 ]
 
 setuptools.setup(
